@@ -1,0 +1,30 @@
+# make demo: the whole workflow on the bundled sample, on the CPU, in a few minutes.
+# make test: the test suite. Each sets up .venv first (pip; torch from the pinned release).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.pneumo-installed
+
+.PHONY: install demo test bench-extra clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile tools/install_browser.sh
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check $(TORCH)
+	$(PIP) install -q --disable-pip-version-check -e ".[test]"
+	bash tools/install_browser.sh $(PY)
+	touch $(STAMP)
+
+demo: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tools/demo.sh
+
+test: install
+	$(PY) -m pytest -q
+
+bench-extra: install
+	$(PIP) install -q --disable-pip-version-check -e ".[bench]"
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

@@ -1,0 +1,321 @@
+"""``pneumo``: the only module that parses arguments. Each subcommand calls one library function.
+
+Heavy imports (torch) happen inside the handlers, so ``pneumo --help`` answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from pneumo import __version__
+from pneumo.errors import PneumoError
+
+SAMPLE_DATA = Path(__file__).parent / "sample_data" / "chest_xray"
+
+
+def emit_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------------------------
+# handlers
+# --------------------------------------------------------------------------------------------
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from pneumo.check import check_dataset, format_check
+    report = check_dataset(args.path, patient_rule=args.patient_rule, progress=not args.json)
+    emit_json(report) if args.json else print(format_check(report))
+    return 1 if report["errors"] else 0
+
+
+def cmd_show_batch(args: argparse.Namespace) -> int:
+    from pneumo.show import show_batch
+    path = show_batch(args.path, args.out, rows=args.rows, cols=args.cols, image_size=args.image_size,
+                      augment=not args.no_augment, seed=args.seed)
+    print(f"batch written to {path}")
+    return 0
+
+
+def training_options(args: argparse.Namespace) -> dict[str, Any]:
+    names = ["arch", "pretrained", "weights", "image_size", "valid_pct", "split", "keep_val", "patient_rule",
+             "batch_size", "seed", "device", "mode", "class_balance", "precision"]
+    options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "no_augment", False):
+        options["augment"] = False
+    return options
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from pneumo.lr_find import lr_find
+    result = lr_find(args.data, out=args.out, start_lr=args.start_lr, end_lr=args.end_lr, num_it=args.num_it,
+                     method=args.suggest, progress=not args.json, **training_options(args))
+    plot = Path(args.out or "runs/lr_find") / "lr_find.png"
+    if args.json:
+        emit_json({"suggestion": result.suggestion, "method": result.method, "suggestions": result.suggestions,
+                   "plot": str(plot), "lrs": result.lrs, "losses": result.losses})
+    else:
+        others = ", ".join(f"{k} {v:.2e}" for k, v in result.suggestions.items() if k != result.method)
+        print(f"suggested lr ({result.method}): {result.suggestion:.2e}   [{others}]\nplot: {plot}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pneumo.train import train
+    if args.resume:
+        if not args.out:
+            raise PneumoError("--resume needs --out RUN_DIR (the folder of the run to continue)")
+        result = train(resume=True, out=args.out, progress=not args.json)
+    else:
+        if args.data is None:
+            raise PneumoError("give the data folder: pneumo train DATA")
+        options = training_options(args)
+        options.update(epochs=args.epochs, lr=args.lr, out=args.out, threshold=args.threshold, tta=args.tta,
+                       unfreeze_epochs=args.unfreeze_epochs if args.unfreeze else 0,
+                       unfreeze_lr=args.unfreeze_lr)
+        result = train(args.data, progress=not args.json, **options)
+    summary = {"run_dir": str(result.run_dir), "model_dir": str(result.model_dir), "history": result.history,
+               "valid": result.evaluation.get("metrics"), "ci": result.evaluation.get("ci"),
+               "threshold": result.evaluation.get("threshold"), "notes": result.notes}
+    if args.json:
+        emit_json(summary)
+    else:
+        m = result.evaluation.get("metrics", {})
+        print(f"run folder: {result.run_dir}\nmodel: {result.model_dir}")
+        if "sensitivity" in m:
+            print(f"validation at threshold {result.evaluation['threshold']:.3f}: accuracy {m['accuracy']:.4f}, "
+                  f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, AUC {m['roc_auc']:.4f}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pneumo.predict import evaluate_model_on_folder, format_evaluation
+    report = evaluate_model_on_folder(args.model, args.data, out=args.out, split=args.split, tta=args.tta,
+                                      progress=not args.json)
+    emit_json(report) if args.json else print(format_evaluation(report))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pneumo.predict import predict_files, write_predictions
+    rows = predict_files(args.model, args.paths, tta=args.tta, progress=not (args.json or args.csv))
+    write_predictions(rows, fmt="json" if args.json else "csv" if args.csv else "table", stream=sys.stdout)
+    return 1 if rows and all(r.get("error") for r in rows) else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pneumo.report import write_report
+    print(f"report written to {write_report(Path(args.run), Path(args.out) if args.out else None)}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pneumo.explain import explain_image
+    result = explain_image(args.model, args.image, args.out, target_class=args.target_class, alpha=args.alpha,
+                           cmap=args.cmap)
+    emit_json(result) if args.json else print(
+        f"{result['label']} (p={result['probability']:.3f}); heatmap for {result['target_class']} "
+        f"written to {result['out']}")
+    return 0
+
+
+def cmd_interpret(args: argparse.Namespace) -> int:
+    from pneumo.explain import interpret_run
+    result = interpret_run(args.run, out=args.out, k=args.k)
+    emit_json(result) if args.json else print(f"top losses: {result['top_losses_png']}\n"
+                                              f"confusion matrix: {result['confusion_matrix_png']}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pneumo.serve import serve
+    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+          inference_workers=args.workers, queue_limit=args.queue)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pneumo.compare import run_compare
+    result = run_compare(args.data, archs=args.arch, fractions=args.fractions, seeds=args.seeds,
+                         epochs=args.epochs, out=args.out, target_error=args.target_error,
+                         weights=args.weights, image_size=args.image_size, device=args.device,
+                         progress=not args.json)
+    emit_json(result) if args.json else print(result["answer"] + f"\nreport: {result['report']}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pneumo.models import BACKBONES
+    rows = [{"name": b.name, "weights": b.weights, "note": b.note} for b in BACKBONES.values()]
+    if args.json:
+        emit_json(rows)
+    else:
+        for r in rows:
+            print(f"{r['name']:<20} {r['weights']:<6} {r['note']}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------------
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and model")
+    g.add_argument("--arch", default=None, help="backbone (default efficientnet_lite0; see `pneumo models`)")
+    g.add_argument("--pretrained", choices=["imagenet", "none"], default=None,
+                   help="start from ImageNet weights (default) or train from scratch")
+    g.add_argument("--weights", default=None, help="local ImageNet weights file (.pth/.safetensors)")
+    g.add_argument("--image-size", type=int, default=None, help="square input size (default 224)")
+    g.add_argument("--valid-pct", type=float, default=None,
+                   help="validation fraction split off train (default: a usable val folder, else 0.2)")
+    g.add_argument("--split", choices=["patient", "random"], default=None,
+                   help="patient-level split (default) or the tutorial's random image split")
+    g.add_argument("--keep-val", action="store_true", default=None, help="use a tiny val folder as it is")
+    g.add_argument("--patient-rule", default=None, help="kermany (default), filename or regex:PATTERN")
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default=None, help="auto (default), cpu, cuda")
+    g.add_argument("--mode", choices=["auto", "features", "full"], default=None,
+                   help="frozen phase on cached features (CPU default) or the full network (GPU default)")
+    g.add_argument("--class-balance", choices=["none", "weights"], default=None)
+    g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None)
+    g.add_argument("--no-augment", action="store_true", help="no random rotation/zoom/lighting/flip")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pneumo", description="Transfer learning on chest X-rays: check the data, split it by "
+                                     "patient, find a learning rate, train, evaluate, explain, serve.")
+    parser.add_argument("--version", action="version", version=f"pneumo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    data = sub.add_parser("data", help="inspect a data set", description="inspect a data set")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = data_sub.add_parser("check", help="counts, unreadable files, duplicates, patients across splits",
+                            description="Check a data set: counts per split and class, image sizes, unreadable "
+                                        "files, exact duplicates, patients in more than one split. Exits 1 "
+                                        "when a problem would corrupt training.")
+    p.set_defaults(handler=cmd_data_check)
+    p.add_argument("path", help="Kaggle 'chest_xray' folder or a folder of class folders")
+    p.add_argument("--patient-rule", default="kermany", help="kermany (default), filename or regex:PATTERN")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = command("show-batch", cmd_show_batch, "write a grid of augmented training images with their labels")
+    p.add_argument("path")
+    p.add_argument("--out", default="batch.png")
+    p.add_argument("--rows", type=int, default=3)
+    p.add_argument("--cols", type=int, default=None, help="default: as many as rows")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command("lr-find", cmd_lr_find, "LR range test: plot loss against learning rate, suggest one")
+    p.add_argument("data")
+    p.add_argument("--out", default=None, help="folder for lr_find.png (default runs/lr_find)")
+    p.add_argument("--start-lr", type=float, default=1e-7)
+    p.add_argument("--end-lr", type=float, default=10.0)
+    p.add_argument("--num-it", type=int, default=100)
+    p.add_argument("--suggest", choices=["valley", "steep", "minimum"], default="valley")
+    p.add_argument("--json", action="store_true")
+    add_training_arguments(p)
+
+    p = command("train", cmd_train, "train with the one-cycle policy, body frozen (then optionally fine-tuned)")
+    p.add_argument("data", nargs="?", default=None)
+    p.add_argument("--epochs", type=int, default=8, help="frozen-body epochs (default 8)")
+    p.add_argument("--lr", type=float, default=3e-3, help="one-cycle peak LR (default 3e-3)")
+    p.add_argument("--unfreeze", action="store_true", help="then fine-tune the whole network")
+    p.add_argument("--unfreeze-epochs", type=int, default=4)
+    p.add_argument("--unfreeze-lr", type=float, default=None, help="default lr / 2, spread lr/100..lr")
+    p.add_argument("--threshold", default="youden", help="youden | sensitivity:0.95 | fixed:0.5")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation at evaluation")
+    p.add_argument("--out", default=None, help="run folder (default: new folder under ./runs)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--json", action="store_true")
+    add_training_arguments(p)
+
+    p = command("evaluate", cmd_evaluate, "error rate, sensitivity, specificity, PPV, NPV, ROC-AUC on a folder")
+    p.add_argument("model", help="model folder (RUN/model) or run folder")
+    p.add_argument("data", help="folder of class folders, or a Kaggle root (its test split is used)")
+    p.add_argument("--split", default=None, help="with a Kaggle root: test (default), train or valid")
+    p.add_argument("--out", default=None, help="folder for the JSON and PNG figures")
+    p.add_argument("--tta", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+    p = command("predict", cmd_predict, "label and probability for image files or folders")
+    p.add_argument("model")
+    p.add_argument("paths", nargs="+")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    p.add_argument("--tta", action="store_true")
+
+    p = command("report", cmd_report, "one offline HTML page summarising a training run")
+    p.add_argument("run")
+    p.add_argument("--out", default=None)
+
+    p = command("explain", cmd_explain, "Grad-CAM heatmap over the X-ray at its own resolution")
+    p.add_argument("model")
+    p.add_argument("image")
+    p.add_argument("--out", default="heat.png")
+    p.add_argument("--class", dest="target_class", default=None, help="class to explain (default: predicted)")
+    p.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity, 0..1")
+    p.add_argument("--cmap", default="viridis", help="matplotlib colormap (default viridis, colour-blind safe)")
+    p.add_argument("--json", action="store_true")
+
+    p = command("interpret", cmd_interpret, "top losses and confusion matrix of a run's validation set")
+    p.add_argument("run")
+    p.add_argument("--out", default=None)
+    p.add_argument("--k", type=int, default=9)
+    p.add_argument("--json", action="store_true")
+
+    p = command("serve", cmd_serve, "web page and JSON API for reading an X-ray")
+    p.add_argument("model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=20.0)
+    p.add_argument("--workers", type=int, default=2, help="inference threads")
+    p.add_argument("--queue", type=int, default=32, help="requests allowed to wait before 503")
+
+    p = command("compare", cmd_compare, "does transfer learning pay? pretrained vs scratch over data sizes")
+    p.add_argument("data")
+    p.add_argument("--arch", nargs="+", default=["efficientnet_lite0"])
+    p.add_argument("--fractions", type=floats, default=[0.02, 0.05, 0.1, 0.25, 0.5, 1.0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--target-error", type=float, default=None, help="default: chosen from the results")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--json", action="store_true")
+
+    p = command("models", cmd_models, "list the supported backbones and where their weights come from")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except PneumoError as exc:
+        print(f"pneumo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pneumo: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `pneumo predict ... | head`: the reader left, nothing went wrong
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

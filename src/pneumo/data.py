@@ -1,0 +1,257 @@
+"""Chest X-ray folders as the domain sees them: splits, classes, patients.
+
+A root is either the Kaggle layout (``{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``, possibly nested
+once more as ``chest_xray/chest_xray``) or a plain folder of class folders. Patient identity comes
+from the file name through a pluggable rule, because several images of one patient must never sit
+on both sides of a train/validation split.
+"""
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from pneumo.errors import DataError
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "valid", "valid": "valid",
+                 "validation": "valid", "test": "test", "testing": "test"}
+IGNORED_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db"}
+MIN_USABLE_VALID = 100  # fewer validation images than this cannot rank models (Kaggle's val has 16)
+
+PatientRule = Callable[[str], str]
+
+
+def kermany_patient_id(filename: str) -> str:
+    """Patient id in the Kermany/Kaggle names: ``person12_...``, ``IM-0115-...``, ``NORMAL2-IM-0123-...``.
+
+    A name matching no pattern is its own patient, which is the safe default for unknown data.
+    """
+    name = Path(filename).name
+    for pattern in (r"^(person\d+)_", r"^(NORMAL2-IM-\d+)-", r"^(IM-\d+)-"):
+        match = re.match(pattern, name, flags=re.IGNORECASE)
+        if match:
+            return match.group(1)
+    return Path(name).stem
+
+
+def filename_patient_id(filename: str) -> str:
+    """Each image its own patient: the rule for data sets whose names carry no patient."""
+    return Path(filename).stem
+
+
+PATIENT_RULES: dict[str, PatientRule] = {"kermany": kermany_patient_id, "filename": filename_patient_id}
+
+
+def patient_rule(spec: str) -> PatientRule:
+    """A named rule (``kermany``, ``filename``) or ``regex:PATTERN`` whose first group is the patient."""
+    if spec in PATIENT_RULES:
+        return PATIENT_RULES[spec]
+    if spec.startswith("regex:"):
+        compiled = re.compile(spec[len("regex:"):])
+
+        def by_regex(filename: str) -> str:
+            match = compiled.search(Path(filename).name)
+            return match.group(1) if match and match.groups() else Path(filename).stem
+        return by_regex
+    raise DataError(f"unknown patient rule {spec!r}: use one of {sorted(PATIENT_RULES)} or 'regex:PATTERN'")
+
+
+def subtype_of(filename: str) -> str | None:
+    """Pneumonia subtype from a Kermany file name (``bacteria`` or ``virus``), else None."""
+    name = Path(filename).name.lower()
+    for subtype in ("bacteria", "virus"):
+        if f"_{subtype}" in name:
+            return subtype
+    return None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: where it lies, its class index, the split folder it came from and its patient."""
+    path: Path
+    label: int
+    split: str
+    patient: str
+
+
+@dataclass
+class ChestXrayFolder:
+    """Every image under a root, with class names taken from the folder names."""
+    root: Path
+    classes: list[str]
+    samples: list[Sample]
+    layout: str  # "kaggle" (split folders) or "classes" (class folders only)
+    empty_classes: list[tuple[str, str]] = field(default_factory=list)  # (split, class) with no image
+
+    def split(self, name: str) -> list[Sample]:
+        return [s for s in self.samples if s.split == name]
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted({s.split for s in self.samples}, key=["train", "valid", "test"].index)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per split and class, every class listed even when empty."""
+        out: dict[str, dict[str, int]] = {}
+        for split in self.splits:
+            c = Counter(self.classes[s.label] for s in self.split(split))
+            out[split] = {name: c.get(name, 0) for name in self.classes}
+        return out
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{split}: " + " ".join(f"{k}={v}" for k, v in c.items())
+                          for split, c in self.counts().items())
+        return f"ChestXrayFolder({str(self.root)!r}, {len(self.samples)} images; {parts})"
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED_NAMES)
+
+
+def is_image_file(path: Path) -> bool:
+    return (path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+            and path.is_file() and not any(part in IGNORED_NAMES for part in path.parts))
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if is_image_file(p)
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _find_layout_root(root: Path) -> tuple[Path, str]:
+    """Descend through wrapper folders (``chest_xray/chest_xray``) to the folder holding splits or classes."""
+    current = root
+    for _ in range(4):
+        subdirs = _visible_dirs(current)
+        if any(d.name.lower() in SPLIT_ALIASES for d in subdirs):
+            return current, "kaggle"
+        loose_images = [p for p in current.iterdir() if is_image_file(p)]
+        if len(subdirs) == 1 and not loose_images:
+            current = subdirs[0]
+            continue
+        return current, "classes"
+    return current, "classes"
+
+
+def discover(root: str | Path, patient: PatientRule | str = "kermany") -> ChestXrayFolder:
+    """Index a data set on disk. Raises DataError when the root holds no images at all."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; point pneumo at a folder of class folders "
+                        f"or at the Kaggle 'chest_xray' folder")
+    rule = patient_rule(patient) if isinstance(patient, str) else patient
+    base, layout = _find_layout_root(root)
+    if layout == "kaggle":
+        split_dirs = [(SPLIT_ALIASES[d.name.lower()], d) for d in _visible_dirs(base)
+                      if d.name.lower() in SPLIT_ALIASES]
+    else:
+        split_dirs = [("train", base)]
+    classes = sorted({c.name for _, d in split_dirs for c in _visible_dirs(d)})
+    if not classes:
+        raise DataError(f"{base}: found no class folders (expected e.g. NORMAL/ and PNEUMONIA/)")
+    samples: list[Sample] = []
+    empty: list[tuple[str, str]] = []
+    for split, split_dir in split_dirs:
+        for class_dir in _visible_dirs(split_dir):
+            images = _images_under(class_dir)
+            if not images:
+                empty.append((split, class_dir.name))
+            label = classes.index(class_dir.name)
+            samples += [Sample(p, label, split, rule(p.name)) for p in images]
+    if not samples:
+        raise DataError(f"{root}: no JPEG or PNG images found under it")
+    return ChestXrayFolder(root=base, classes=classes, samples=samples, layout=layout, empty_classes=empty)
+
+
+def split_by_patient(samples: Sequence[Sample], valid_pct: float, seed: int = 42,
+                     groups: dict[Path, str] | None = None) -> tuple[list[Sample], list[Sample]]:
+    """Seeded, class-stratified split in which every patient lies wholly on one side.
+
+    Patients are dealt per class (a patient's class is that of most of their images) until the
+    validation side holds ``valid_pct`` of that class's images. ``groups`` may merge patients further
+    (exact duplicate files of different names, say) so that no copy leaks across the split.
+    """
+    if not 0 < valid_pct < 1:
+        raise DataError(f"valid_pct must lie between 0 and 1, got {valid_pct}")
+    key = (lambda s: groups.get(s.path, s.patient)) if groups else (lambda s: s.patient)
+    by_patient: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_patient[key(s)].append(s)
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for pid, items in sorted(by_patient.items()):
+        majority = Counter(s.label for s in items).most_common(1)[0][0]
+        by_class[majority].append(pid)
+    rng = random.Random(seed)
+    valid_patients: set[str] = set()
+    for label in sorted(by_class):
+        pids = by_class[label]
+        rng.shuffle(pids)
+        target = valid_pct * sum(len(by_patient[p]) for p in pids)
+        taken = 0
+        for pid in pids:
+            if taken >= target:
+                break
+            valid_patients.add(pid)
+            taken += len(by_patient[pid])
+    train = [s for s in samples if key(s) not in valid_patients]
+    valid = [s for s in samples if key(s) in valid_patients]
+    return train, valid
+
+
+def split_random(samples: Sequence[Sample], valid_pct: float, seed: int = 42) -> tuple[list[Sample], list[Sample]]:
+    """The tutorial's random image split. Leaks patients across sides: for comparison only."""
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    n_valid = round(valid_pct * len(samples))
+    chosen = set(order[:n_valid])
+    return ([s for i, s in enumerate(samples) if i not in chosen],
+            [s for i, s in enumerate(samples) if i in chosen])
+
+
+@dataclass
+class Split:
+    """The images to train on and to validate on, and what was decided to get them."""
+    train: list[Sample]
+    valid: list[Sample]
+    method: str
+    notes: list[str] = field(default_factory=list)
+
+
+def make_split(data: ChestXrayFolder, valid_pct: float | None = None, method: str = "patient",
+               seed: int = 42, keep_small_valid: bool = False,
+               groups: dict[Path, str] | None = None) -> Split:
+    """Choose train and validation images. The ``test`` split is never touched.
+
+    A usable ``val`` folder is used as it is unless ``valid_pct`` is given; a tiny one (Kaggle's
+    has 16 images) is folded into train and a patient-level split is made instead.
+    """
+    if method not in ("patient", "random"):
+        raise DataError(f"unknown split method {method!r}: use 'patient' or 'random'")
+    train, valid = data.split("train"), data.split("valid")
+    notes: list[str] = []
+    if valid and valid_pct is None:
+        if len(valid) >= MIN_USABLE_VALID or keep_small_valid:
+            return Split(train, valid, "folder", notes)
+        notes.append(f"the 'val' folder holds only {len(valid)} images, too few to judge a model by; "
+                     f"folded into train and split by patient instead (--keep-val uses it as is)")
+    pool = train + valid
+    if not pool:
+        raise DataError(f"{data.root}: no training images (expected a 'train' folder or class folders)")
+    pct = 0.2 if valid_pct is None else valid_pct
+    if method == "random":
+        notes.append("random image split: images of one patient may sit on both sides, so the "
+                     "validation error is optimistic; use it only to compare with the tutorial")
+        tr, va = split_random(pool, pct, seed)
+    else:
+        tr, va = split_by_patient(pool, pct, seed, groups)
+    return Split(tr, va, method, notes)
+
+
+def patients_in_both(a: Iterable[Sample], b: Iterable[Sample]) -> set[str]:
+    """Patients found on both sides: must be empty for a patient-level split."""
+    return {s.patient for s in a} & {s.patient for s in b}

@@ -1,0 +1,134 @@
+"""The LR range test (Smith 2015, as fastai's ``lr_find``): ramp the LR exponentially, watch the loss.
+
+The weights are saved before the test and restored after it, so the model is untouched. The
+suggestion is a plain float from a pure function of ``(lrs, losses)``; ``valley`` (fastai's default)
+ignores an early spike because it looks for the longest run of falling loss.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from pneumo.config import TrainConfig
+from pneumo.schedule import exponential
+
+
+def valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """fastai's default: the middle of the longest stretch over which the loss keeps falling."""
+    n = len(losses)
+    run = [1] * n
+    best_start, best_end = 0, 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and run[i] < run[j] + 1:
+                run[i] = run[j] + 1
+        if run[i] > run[best_end]:
+            best_end, best_start = i, i - run[i]
+    third = (best_end - best_start) / 3
+    return float(lrs[min(n - 1, best_start + int(third) + int(third / 2))])
+
+
+def steep(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """Where the loss falls fastest against log(lr), ignoring the noisy first tenth of the ramp."""
+    skip = len(lrs) // 10
+    grads = np.gradient(np.asarray(losses[skip:]), np.log(np.asarray(lrs[skip:])))
+    return float(lrs[skip + int(np.argmin(grads))])
+
+
+def minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """A tenth of the LR at the lowest loss (the classic rule of thumb)."""
+    return float(lrs[int(np.argmin(losses))] / 10)
+
+
+SUGGESTERS: dict[str, Callable[[Sequence[float], Sequence[float]], float]] = {
+    "valley": valley, "steep": steep, "minimum": minimum}
+
+
+@dataclass
+class LRFindResult:
+    lrs: list[float]
+    losses: list[float]           # smoothed, debiased
+    suggestion: float             # by ``method``
+    method: str
+    suggestions: dict[str, float] = field(default_factory=dict)
+
+
+def range_test(step: Callable[[float], float], start_lr: float = 1e-7, end_lr: float = 10.0,
+               num_it: int = 100, beta: float = 0.98, stop_div: float = 4.0,
+               method: str = "valley") -> LRFindResult:
+    """Call ``step(lr) -> loss`` on an exponential ramp until the smoothed loss diverges."""
+    lrs: list[float] = []
+    losses: list[float] = []
+    avg, best = 0.0, float("inf")
+    for i in range(num_it):
+        lr = exponential(start_lr, end_lr, i / (num_it - 1))
+        loss = step(lr)
+        if not np.isfinite(loss):
+            break
+        avg = beta * avg + (1 - beta) * loss
+        smoothed = avg / (1 - beta ** (i + 1))
+        lrs.append(lr)
+        losses.append(smoothed)
+        best = min(best, smoothed)
+        if i > 5 and smoothed > stop_div * best:
+            break
+    if len(lrs) < 3:
+        from pneumo.errors import TrainingError
+        raise TrainingError("the loss diverged at once: lower --start-lr")
+    suggestions = {name: f(lrs, losses) for name, f in SUGGESTERS.items()}
+    return LRFindResult(lrs, losses, suggestions[method], method, suggestions)
+
+
+def find_lr(model: torch.nn.Module, phase: Any, start_lr: float = 1e-7, end_lr: float = 10.0,
+            num_it: int = 100, method: str = "valley") -> LRFindResult:
+    """The range test on a training ``Phase``; the model's weights are restored afterwards."""
+    saved = copy.deepcopy(model.state_dict())
+    batches: list[torch.Tensor] = []
+
+    def step(lr: float) -> float:
+        if not batches:
+            batches.extend(phase.batches())
+        for group in phase.opt.param_groups:
+            group["lr"] = lr
+        loss = phase.step(batches.pop())
+        phase.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        phase.opt.step()
+        return loss.item()
+
+    try:
+        return range_test(step, start_lr, end_lr, num_it, method=method)
+    finally:
+        model.load_state_dict(saved)
+
+
+def lr_find(data: str | Path, out: str | Path | None = None, start_lr: float = 1e-7, end_lr: float = 10.0,
+            num_it: int = 100, method: str = "valley", progress: bool = True, **options: Any) -> LRFindResult:
+    """Run the range test on the first training phase exactly as ``pneumo train`` would run it."""
+    from pneumo.plots import plot_lr_find
+    from pneumo.train import autocast_dtype, build_phase, load_data, resolve_device, resolve_mode
+    from pneumo.models import create_model
+
+    cfg = TrainConfig.from_dict({**options, "data": str(data)}).validate()
+    out = Path(out or "runs/lr_find")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    mode = resolve_mode(cfg, device)
+    data_ = load_data(cfg, progress)
+    model = create_model(cfg.arch, len(data_.classes), cfg.pretrained, cfg.weights).to(device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_y = torch.tensor([s.label for s in data_.train])
+    valid_y = torch.tensor([s.label for s in data_.valid])
+    first_phase = "scratch" if cfg.pretrained == "none" and cfg.weights is None else "frozen"
+    phase = build_phase(first_phase, cfg, mode, model, data_, device, generator, train_y, valid_y, None,
+                        autocast_dtype(cfg.precision, device), out, progress)
+    result = find_lr(model, phase, start_lr, end_lr, num_it, method)
+    plot_lr_find(result.lrs, result.losses, result.suggestion, out / "lr_find.png",
+                 extra_suggestions={k: v for k, v in result.suggestions.items() if k != method})
+    return result

@@ -1,0 +1,112 @@
+"""A trained model is a folder: ``model.safetensors`` and ``model.json``. Nothing is pickled.
+
+``model.json`` carries what inference needs (classes, image size, backbone, decision threshold,
+temperature), so a fresh CPU-only process loads the folder alone, wherever it was trained.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pneumo import __version__
+from pneumo.errors import ModelError
+from pneumo.io_utils import atomic_write, atomic_write_json
+from pneumo.models import XrayNet, get_backbone
+
+
+@dataclass
+class ModelMeta:
+    arch: str
+    classes: list[str]
+    image_size: int
+    threshold: float = 0.5            # on p(positive class); chosen on validation
+    positive_class: str | None = None
+    temperature: float = 1.0          # divides logits before softmax (fitted on validation)
+    threshold_method: str = "fixed:0.5"
+    hidden: int = 512
+    dropout: float = 0.5
+    normalisation: dict = field(default_factory=dict)  # informational: the model applies it itself
+    pneumo_version: str = __version__
+    trained_with: dict = field(default_factory=dict)   # the training config
+
+
+def save_model(model: XrayNet, meta: ModelMeta, folder: str | Path) -> Path:
+    folder = Path(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
+    meta.normalisation = {"mean": float(model.mean.item()), "std": float(model.std.item()),
+                          "input": "grey, [0, 1]"}
+    atomic_write_json(folder / "model.json", asdict(meta))
+    return folder
+
+
+class LoadedModel:
+    """A model ready for inference: ``predict_pixels`` for prepared arrays, ``predict_paths`` for files."""
+
+    def __init__(self, net: XrayNet, meta: ModelMeta, device: torch.device):
+        self.net, self.meta, self.device = net, meta, device
+        self.classes = meta.classes
+        self.positive = meta.classes.index(meta.positive_class) if meta.positive_class in meta.classes else None
+
+    @torch.inference_mode()
+    def logits(self, pixels: np.ndarray | torch.Tensor, batch_size: int = 32, tta: bool = False) -> np.ndarray:
+        """Raw logits for uint8 ``(N, H, W)`` pixels (already the model's size)."""
+        x = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
+        out = []
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].unsqueeze(1).to(self.device)
+            z = self.net(xb).float()
+            if tta:
+                z = (z + self.net(xb.flip(-1)).float()) / 2
+            out.append(z.cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def probabilities(self, pixels: np.ndarray, batch_size: int = 32, tta: bool = False) -> np.ndarray:
+        z = torch.from_numpy(self.logits(pixels, batch_size, tta)) / self.meta.temperature
+        return z.softmax(dim=1).numpy()
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Class indices: the stored threshold on p(positive) for two classes, argmax otherwise."""
+        if self.positive is not None and len(self.classes) == 2:
+            pos = probs[:, self.positive] >= self.meta.threshold
+            return np.where(pos, self.positive, 1 - self.positive)
+        return probs.argmax(axis=1)
+
+    def predict_paths(self, paths: Sequence[str | Path], progress: bool = True,
+                      tta: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+        """(probs, ok, errors) for image files; unreadable files are reported, not fatal."""
+        from pneumo.cache import decode_images
+        decoded = decode_images([Path(p) for p in paths], self.meta.image_size, progress=progress)
+        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
+        if decoded.ok.any():
+            probs[decoded.ok] = self.probabilities(np.asarray(decoded.pixels)[decoded.ok], tta=tta)
+        return probs, decoded.ok, decoded.errors
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model folder written by ``save_model`` (or a run folder holding ``model/``)."""
+    folder = Path(folder)
+    if (folder / "model").is_dir() and not (folder / "model.json").exists():
+        folder = folder / "model"
+    meta_file, weights_file = folder / "model.json", folder / "model.safetensors"
+    for f in (meta_file, weights_file):
+        if not f.is_file():
+            raise ModelError(f"{f}: missing; a model folder holds model.json and model.safetensors "
+                             f"(written by `pneumo train` under RUN/model)")
+    try:
+        meta = ModelMeta(**json.loads(meta_file.read_text()))
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{meta_file}: not a pneumo model description ({exc})") from None
+    net = XrayNet(get_backbone(meta.arch), len(meta.classes), meta.hidden, meta.dropout)
+    try:
+        net.load_state_dict(load_file(str(weights_file)))
+    except (RuntimeError, OSError) as exc:
+        raise ModelError(f"{weights_file}: weights do not fit {meta.arch} ({str(exc)[:200]})") from None
+    device = torch.device(device)
+    return LoadedModel(net.to(device).eval(), meta, device)

