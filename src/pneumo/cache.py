@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +87,15 @@ def decode_images(paths: Sequence[Path], size: int, cache_dir: Path | None = Non
                 ok[i] = False
                 errors[str(paths[i])] = err
     if use_disk:
-        folder.mkdir(parents=True, exist_ok=True)
         tmp = array_file.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, pixels)
-        os.replace(tmp, array_file)
-        atomic_write_json(meta_file, {"ok": ok.tolist(), "errors": errors, "size": size,
-                                      "n": len(paths), "version": PREPROCESS_VERSION})
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            np.save(tmp, pixels)
+            os.replace(tmp, array_file)
+            atomic_write_json(meta_file, {"ok": ok.tolist(), "errors": errors, "size": size,
+                                          "n": len(paths), "version": PREPROCESS_VERSION})
+        except OSError as exc:  # an unwritable cache costs speed next time, never this run
+            tmp.unlink(missing_ok=True)
+            warnings.warn(f"decode cache not written to {folder}: {exc}; set PNEUMO_CACHE to a writable "
+                          f"folder or PNEUMO_NO_CACHE=1", stacklevel=2)
     return DecodedImages(pixels, ok, errors, False)

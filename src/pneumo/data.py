@@ -142,9 +142,17 @@ def discover(root: str | Path, patient: PatientRule | str = "kermany") -> ChestX
     """Index a data set on disk. Raises DataError when the root holds no images at all."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder; point pneumo at a folder of class folders "
+        what = "not a folder" if root.exists() else "no such folder"
+        raise DataError(f"{root}: {what}; point pneumo at a folder of class folders "
                         f"or at the Kaggle 'chest_xray' folder")
     rule = patient_rule(patient) if isinstance(patient, str) else patient
+    try:
+        return _discover(root, rule)
+    except OSError as exc:
+        raise DataError(f"{exc.filename or root}: cannot read the folder ({exc.strerror})") from None
+
+
+def _discover(root: Path, rule: PatientRule) -> ChestXrayFolder:
     base, layout = _find_layout_root(root)
     if layout == "kaggle":
         split_dirs = [(SPLIT_ALIASES[d.name.lower()], d) for d in _visible_dirs(base)

@@ -33,7 +33,7 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Imag
             if path.stat().st_size == 0:
                 raise ImageError(name, "empty file (0 bytes)")
             handle = path.open("rb")
-        with Image.open(handle) as img:
+        with handle, Image.open(handle) as img:
             if img.width * img.height > max_pixels:
                 raise ImageError(name, f"image too large ({img.width}x{img.height} pixels; "
                                        f"limit {max_pixels:,}): refusing a possible decompression bomb")

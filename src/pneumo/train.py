@@ -11,8 +11,10 @@ so ``resume=True`` continues a killed run and ends exactly where an uninterrupte
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -375,26 +377,51 @@ def build_phase(name: str, cfg: TrainConfig, mode: str, model: XrayNet, data: Tr
                        channels_last=cfg.channels_last, **common)
 
 
+def features_key(cfg: TrainConfig, data: TrainData) -> str:
+    """Everything the cached features depend on: backbone, weights, images, size, adaptation, views."""
+    from pneumo.cache import cache_key
+    weights = cfg.weights and Path(cfg.weights)
+    stamp = f"{weights}:{weights.stat().st_mtime_ns}" if weights and weights.exists() else str(weights)
+    parts = [cfg.arch, cfg.pretrained, stamp, cfg.image_size, cfg.bn_adapt_images, cfg.feature_views,
+             cfg.augment, cfg.seed, cache_key([s.path for s in data.train], cfg.image_size),
+             cache_key([s.path for s in data.valid], cfg.image_size)]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+
+
 def cached_features(cfg: TrainConfig, model: XrayNet, data: TrainData, device: torch.device,
                     generator: torch.Generator, run_dir: Path, progress: bool) -> dict[str, torch.Tensor]:
     """BatchNorm adapted on a seeded sample of training images, then features for every image.
 
-    Stored in the run folder with the adapted body, so a resumed run skips both passes.
+    Stored with the adapted body in the run folder (a resumed run skips both passes) and in the
+    shared cache (``lr-find`` then ``train``, or runs that differ only in the head, compute them once).
     """
+    from pneumo.cache import default_cache_dir
     path = run_dir / "checkpoints" / "features.pt"
-    if path.exists():
-        saved = load_checkpoint(path)
-        model.body.load_state_dict(saved["body"])
-        generator.set_state(saved["generator"])
-        return {"train": saved["train"], "valid": saved["valid"]}
+    shared = default_cache_dir() / f"features-{features_key(cfg, data)}.pt"
+    use_shared = os.environ.get("PNEUMO_NO_CACHE") != "1"
+    for candidate in (path, shared) if use_shared else (path,):
+        if candidate.exists():
+            saved = load_checkpoint(candidate)
+            model.body.load_state_dict(saved["body"])
+            generator.set_state(saved["generator"])
+            if candidate != path:
+                save_checkpoint(path, **saved)
+            return {"train": saved["train"], "valid": saved["valid"]}
     rng = np.random.default_rng(cfg.seed)
     sample = np.sort(rng.permutation(len(data.train_pixels))[:cfg.bn_adapt_images])
-    adapt_batchnorm(model, data.train_pixels[sample], device, progress=progress)
+    if cfg.bn_adapt_images > 0:
+        adapt_batchnorm(model, data.train_pixels[sample], device, progress=progress)
     views = [extract_features(model, data.train_pixels, device, progress=progress,
                               generator=generator if (cfg.augment and v > 0) else None,
                               desc=f"features, train view {v + 1}/{cfg.feature_views}")
              for v in range(cfg.feature_views)]
     valid = extract_features(model, data.valid_pixels, device, progress=progress, desc="features, valid")
     feats = {"train": torch.stack(views), "valid": valid}
-    save_checkpoint(path, body=model.body.state_dict(), generator=generator.get_state(), **feats)
+    saved = dict(body=model.body.state_dict(), generator=generator.get_state(), **feats)
+    save_checkpoint(path, **saved)
+    if use_shared:
+        try:
+            save_checkpoint(shared, **saved)
+        except OSError:
+            pass  # a read-only cache costs time next run, never this one
     return feats

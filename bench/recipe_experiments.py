@@ -1,0 +1,108 @@
+"""Issue 5: choose a training recipe by measurement, never on the split it is reported on.
+
+The 224 px training split is cut by patient into a *selection* part and a *report* part (20%,
+seed 7). Every candidate recipe trains on the selection part with an inner patient-level validation
+split (seed 11) and is ranked there; only the winner (and the default, for reference) is then
+evaluated once on the untouched report patients. Prints JSON and writes OUT/recipe.json + recipe.md.
+    python bench/recipe_experiments.py --out bench/experiments [--candidates base,balanced,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from pneumo.data import discover, split_by_patient
+from pneumo.predict import evaluate_model_on_folder
+from pneumo.train import train
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_224" / "train"
+
+CANDIDATES: dict[str, dict] = {
+    "base": {},                                            # the tutorial's recipe, pneumo defaults
+    "no_bn_adapt": {"bn_adapt_images": 0},                 # keep ImageNet BatchNorm statistics
+    "balanced": {"class_balance": "weights"},              # loss weights against the 3:1 imbalance
+    "views4": {"feature_views": 4},                        # 3 augmented copies of every train image
+    "balanced_views4": {"class_balance": "weights", "feature_views": 4},
+    "lite1": {"arch": "efficientnet_lite1"},
+    "lite2": {"arch": "efficientnet_lite2"},
+    "lite2_balanced": {"arch": "efficientnet_lite2", "class_balance": "weights"},
+    "finetune2": {"unfreeze_epochs": 2, "class_balance": "weights"},  # whole network, 2 more epochs
+}
+
+
+def link_tree(root: Path, parts: dict[str, list], classes: list[str]) -> Path:
+    for split, samples in parts.items():
+        for s in samples:
+            dest = root / split / classes[s.label] / s.path.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if not dest.exists():
+                os.symlink(s.path.resolve(), dest)
+    return root
+
+
+def rank_key(evaluation: dict) -> tuple:
+    """Balanced accuracy re-weighted to the test split's balance at the stored threshold, then AUC."""
+    m = evaluation.get("reweighted_to_test_balance") or evaluation["metrics"]
+    return ((m["sensitivity"] + m["specificity"]) / 2, evaluation["metrics"]["roc_auc"])
+
+
+def summary(evaluation: dict) -> dict:
+    m, r = evaluation["metrics"], evaluation.get("reweighted_to_test_balance") or {}
+    keys = ("accuracy", "sensitivity", "specificity", "roc_auc")
+    return {"threshold": evaluation.get("threshold"), **{k: m.get(k) for k in keys},
+            "reweighted_accuracy": r.get("accuracy"), "ci": evaluation.get("ci")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--out", default="bench/experiments")
+    parser.add_argument("--candidates", default=",".join(CANDIDATES))
+    parser.add_argument("--workdir", default=None, help="run folders (default: a temp folder)")
+    args = parser.parse_args()
+    out, work = Path(args.out), Path(args.workdir or tempfile.mkdtemp(prefix="recipe-"))
+    out.mkdir(parents=True, exist_ok=True)
+    data = discover(args.data)
+    pool = data.split("train")
+    select, report = split_by_patient(pool, 0.2, seed=7)
+    inner_train, inner_valid = split_by_patient(select, 0.2, seed=11)
+    select_root = link_tree(work / "select", {"train": inner_train, "val": inner_valid}, data.classes)
+    report_root = link_tree(work / "report", {"test": report}, data.classes)
+
+    records = {}
+    for name in args.candidates.split(","):
+        options = CANDIDATES[name]
+        t0 = time.perf_counter()
+        run = train(select_root, out=str(work / "runs" / name), progress=False, **options)
+        records[name] = {"options": options, "wall_s": round(time.perf_counter() - t0, 1),
+                         "valid_error_argmax": run.history[-1]["error_rate"],
+                         "selection_valid": summary(run.evaluation), "model_dir": str(run.model_dir)}
+        records[name]["rank_key"] = rank_key(run.evaluation)
+        print(json.dumps({name: records[name]}), flush=True)
+    winner = max(records, key=lambda n: records[n]["rank_key"])
+    reported = {}
+    for name in dict.fromkeys([winner, "base"]):
+        if name in records:
+            ev = evaluate_model_on_folder(records[name]["model_dir"], report_root, progress=False)
+            reported[name] = summary(ev)
+    result = {"data": args.data, "n_select_train": len(inner_train), "n_select_valid": len(inner_valid),
+              "n_report": len(report), "rule": "max balanced accuracy re-weighted to 390:234, then AUC",
+              "candidates": records, "winner": winner, "report_split": reported}
+    (out / "recipe.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["| candidate | options | wall s | err (argmax) | AUC | sens | spec | reweighted acc |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in records.items():
+        v = r["selection_valid"]
+        lines.append(f"| {name}{' (winner)' if name == winner else ''} | `{json.dumps(r['options'])}` | "
+                     f"{r['wall_s']} | {r['valid_error_argmax']:.4f} | {v['roc_auc']:.4f} | {v['sensitivity']:.4f} | "
+                     f"{v['specificity']:.4f} | {v['reweighted_accuracy']:.4f} |")
+    (out / "recipe.md").write_text("\n".join(lines) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

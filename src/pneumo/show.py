@@ -1,0 +1,52 @@
+"""``pneumo show-batch``: look at what the model will see before training on it.
+
+As fastai's ``show_batch``: a seeded draw of training images, decoded and (by default) augmented by
+exactly the code training uses, each titled with its label. Upside-down, blank or mislabelled images
+show up here long before they show up as a bad validation score.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+
+from pneumo.data import discover
+from pneumo.errors import DataError, PneumoError
+
+
+def show_batch(path: str | Path, out: str | Path, rows: int = 3, cols: int | None = None, image_size: int = 224,
+               augment: bool = True, seed: int = 0) -> Path:
+    """Write a ``rows x cols`` grid of training images (``cols`` defaults to ``rows``) to ``out``; return its path.
+
+    Images come from the ``train`` split (all images for a folder of class folders), drawn with
+    ``seed``; unreadable files are skipped. The same seed gives the same picture.
+    """
+    import torch  # heavy: only when a batch is drawn
+
+    from pneumo.augment import augment_batch
+    from pneumo.cache import decode_images
+    from pneumo.plots import plot_image_grid
+
+    cols = rows if cols is None else cols
+    if rows < 1 or cols < 1:
+        raise PneumoError(f"rows and cols must be at least 1, got rows={rows}, cols={cols}")
+    if image_size < 8:
+        raise PneumoError(f"image_size must be at least 8 pixels, got {image_size}")
+    data = discover(path)
+    pool = data.split("train") or data.samples
+    chosen = random.Random(seed).sample(pool, min(rows * cols, len(pool)))
+    decoded = decode_images([s.path for s in chosen], image_size, progress=False)
+    keep = [i for i in range(len(chosen)) if decoded.ok[i]]
+    if not keep:
+        raise DataError(f"{data.root}: none of the {len(chosen)} images drawn could be read: "
+                        + "; ".join(f"{p}: {r}" for p, r in list(decoded.errors.items())[:3]))
+    pixels = np.ascontiguousarray(decoded.pixels[keep])  # (n, size, size) uint8
+    if augment:
+        x = torch.from_numpy(pixels).unsqueeze(1)  # (n, 1, size, size)
+        x = augment_batch(x, torch.Generator().manual_seed(seed))
+        pixels = x.squeeze(1).mul(255).round().to(torch.uint8).numpy()
+    titles = [data.classes[chosen[i].label] for i in keep]
+    note = "augmented" if augment else "not augmented"
+    suptitle = f"{len(keep)} training images from {data.root.name} ({note}, seed {seed}, {image_size} px)"
+    return plot_image_grid(list(pixels), titles, out, ncols=cols, suptitle=suptitle)
