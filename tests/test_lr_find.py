@@ -64,7 +64,7 @@ def test_range_test_stops_when_the_loss_diverges():
 
 
 def test_lr_find_restores_the_weights_it_perturbed(tmp_path):
-    from pneumo.train import HeadOnFeatures, make_optimizer
+    from pneumo.phases import HeadOnFeatures, make_optimizer
     from pneumo.models import create_model
     model = create_model("efficientnet_lite0", pretrained="none")
     feats = torch.randn(1, 256, model.head[0].num_features)
