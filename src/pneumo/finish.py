@@ -27,7 +27,7 @@ def write_predictions_csv(path: Path, samples, classes: list[str], probs: np.nda
     writer = csv.writer(out)
     writer.writerow(["path", "label", "patient"] + [f"prob_{c}" for c in classes])
     for s, p in zip(samples, probs):
-        writer.writerow([str(s.path), classes[s.label], s.patient] + [f"{v:.6f}" for v in p])
+        writer.writerow([str(s.path), classes[s.label], s.patient] + [f"{v:.9g}" for v in p])
     atomic_write_text(path, out.getvalue())
 
 

@@ -76,4 +76,4 @@ def prepare(source: str | Path | bytes | Image.Image, size: int) -> np.ndarray:
     grey = Image.fromarray(to_grey_uint8(img), mode="L")
     if grey.size != (size, size):
         grey = grey.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
-    return np.asarray(grey, dtype=np.uint8)
+    return np.array(grey, dtype=np.uint8)  # writable: torch warns on read-only arrays

@@ -1,0 +1,236 @@
+"""Why did the model say that? Grad-CAM over one X-ray, and the worst validation mistakes of a run.
+
+Grad-CAM (Selvaraju et al., 2017) weights the last convolutional stage's feature maps by the mean
+gradient of the class score and keeps the positive part. It is written out here (about twenty
+lines) rather than taken from ``pytorch_grad_cam`` because the web server runs it from several
+threads on one shared network: that package registers hooks per explainer object, so two
+concurrent explainers on one model would read each other's activations. Here one forward hook per
+network stores activations per thread, and gradients come from ``torch.autograd.grad`` (nothing
+accumulates in ``.grad``). The test suite checks the result against ``pytorch_grad_cam``.
+
+The heatmap is computed on the model-size input (``imaging.prepare``, as in training) and drawn
+over the X-ray at its own resolution, so a radiologist sees every pixel of the original.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import threading
+from pathlib import Path
+from typing import Any
+from weakref import WeakKeyDictionary
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pneumo.errors import ModelError, PneumoError
+from pneumo.imaging import open_image, prepare, to_grey_uint8
+from pneumo.model_io import LoadedModel, load_model
+from pneumo.models import XrayNet
+from pneumo.plots import VERMILLION, plot_confusion_matrix, plot_heatmap_overlay, plot_image_grid
+
+DEFAULT_CMAP = "viridis"  # perceptually uniform and colour-blind safe
+GRID_PX = 224             # side of each tile in the top-losses grid
+
+_capture = threading.local()
+_hooked: "WeakKeyDictionary[XrayNet, torch.utils.hooks.RemovableHandle]" = WeakKeyDictionary()
+_hook_lock = threading.Lock()
+
+
+def _store_activation(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+    """Forward hook: keep the output only for the thread that asked for it (``_capture.on``)."""
+    if getattr(_capture, "on", False):
+        _capture.activation = output
+
+
+def _ensure_hook(net: XrayNet) -> None:
+    with _hook_lock:
+        if net not in _hooked:
+            _hooked[net] = net.cam_layer().register_forward_hook(_store_activation)
+
+
+def gradcam_heatmap(model: LoadedModel, pixels: np.ndarray, target_index: int) -> np.ndarray:
+    """Grad-CAM of class ``target_index`` for one uint8 ``(H, W)`` image of the model's size.
+
+    Returns float32 ``(H, W)`` in [0, 1] (1 = the region that most raises the class score; all zeros
+    when nothing raises it). Thread-safe: concurrent calls on one model do not interfere.
+    """
+    grey = np.asarray(pixels)
+    if grey.ndim != 2 or grey.dtype != np.uint8:
+        raise PneumoError(f"Grad-CAM needs one uint8 (H, W) image, got {grey.dtype} {grey.shape}")
+    if not 0 <= target_index < len(model.classes):
+        raise PneumoError(f"class index {target_index} out of range for classes {model.classes}")
+    net = model.net
+    _ensure_hook(net)
+    x = torch.from_numpy(grey).to(model.device).float().div(255).view(1, 1, *grey.shape)
+    x.requires_grad_(True)  # a frozen body would otherwise give activations without a graph
+    _capture.on, _capture.activation = True, None
+    try:
+        with torch.enable_grad():
+            score = net(x)[0, target_index]
+            act = _capture.activation                                    # (1, C, h, w)
+            if act is None:
+                raise ModelError(f"{net.arch}: the Grad-CAM layer produced no activation")
+            (grad,) = torch.autograd.grad(score, act)                   # (1, C, h, w)
+    finally:
+        _capture.on, _capture.activation = False, None
+    weights = grad.mean(dim=(2, 3), keepdim=True)                        # (1, C, 1, 1)
+    cam = F.relu((weights * act.detach()).sum(dim=1, keepdim=True))      # (1, 1, h, w)
+    cam = F.interpolate(cam, size=grey.shape, mode="bilinear", align_corners=False)[0, 0]
+    cam = cam - cam.min()
+    top = float(cam.max())
+    cam = cam / top if top > 1e-12 else torch.zeros_like(cam)
+    return cam.clamp_(0, 1).cpu().numpy().astype(np.float32)
+
+
+def class_index(classes: list[str], name: str) -> int:
+    """Index of ``name`` in ``classes`` (case-insensitive), or an error listing the valid names."""
+    lowered = [c.lower() for c in classes]
+    if name.lower() not in lowered:
+        raise PneumoError(f"unknown class {name!r}; this model knows: {', '.join(classes)}")
+    return lowered.index(name.lower())
+
+
+def check_cmap(cmap: str) -> None:
+    if cmap not in matplotlib.colormaps:
+        raise PneumoError(f"unknown colormap {cmap!r}; try viridis, cividis, magma or inferno "
+                          f"(colour-blind safe), or any matplotlib colormap name")
+
+
+def explain_image(model_dir: str | Path, image_path: str | Path, out: str | Path, target_class: str | None = None,
+                  alpha: float = 0.4, cmap: str = DEFAULT_CMAP) -> dict[str, Any]:
+    """Predict one image and write a Grad-CAM overlay PNG at the image's own resolution.
+
+    ``target_class`` chooses the class whose evidence is shown (default: the predicted one, which
+    respects the model's stored decision threshold).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise PneumoError(f"--alpha must lie in [0, 1], got {alpha}")
+    check_cmap(cmap)
+    model = load_model(model_dir)
+    target = None if target_class is None else class_index(model.classes, target_class)
+    img = open_image(image_path)
+    full = to_grey_uint8(img)                                   # (H, W) at the image's own size
+    pixels = np.array(prepare(img, model.meta.image_size))      # (S, S): what the model sees
+    probs = model.probabilities(pixels[None])[0]
+    predicted = int(model.decide(probs[None])[0])
+    target = predicted if target is None else target
+    heat = gradcam_heatmap(model, pixels, target)
+    label = model.classes[predicted]
+    title = f"{label} p={probs[predicted]:.2f} | Grad-CAM: {model.classes[target]}"
+    plot_heatmap_overlay(full, heat, out, alpha=alpha, cmap=cmap, title=title)
+    return {"label": label, "probability": float(probs[predicted]),
+            "probabilities": {c: float(p) for c, p in zip(model.classes, probs)},
+            "threshold": float(model.meta.threshold) if model.positive is not None else None,
+            "target_class": model.classes[target], "out": str(out),
+            "method": f"grad-cam on {type(model.net.cam_layer()).__name__} of {model.meta.arch}"}
+
+
+# --------------------------------------------------------------------------------------------
+# interpretation of a run: top losses and the confusion matrix
+# --------------------------------------------------------------------------------------------
+def _read_model_json(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "model" / "model.json"
+    if not path.is_file():
+        raise ModelError(f"{path}: missing; give a run folder written by `pneumo train`")
+    try:
+        meta = json.loads(path.read_text())
+        classes = list(meta["classes"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path}: not a pneumo model description ({exc})") from None
+    if len(classes) < 2:
+        raise ModelError(f"{path}: needs at least two classes, found {classes}")
+    return meta
+
+
+def _read_predictions(run_dir: Path, classes: list[str]) -> tuple[list[dict[str, str]], np.ndarray, np.ndarray]:
+    """Rows, probabilities ``(N, K)`` and actual class indices from RUN/valid_predictions.csv."""
+    path = run_dir / "valid_predictions.csv"
+    if not path.is_file():
+        raise PneumoError(f"{path}: missing; interpret needs a finished training run")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    missing = [c for c in ["path", "label"] + [f"prob_{c}" for c in classes] if c not in columns]
+    if missing:
+        raise PneumoError(f"{path}: missing columns {missing}")
+    kept, probs, labels = [], [], []
+    for row in rows:
+        try:
+            p = [float(row[f"prob_{c}"]) for c in classes]
+            y = classes.index(row["label"])
+        except (ValueError, TypeError):
+            continue  # a label the model does not know or an unparsable number: not rankable
+        if all(math.isfinite(v) for v in p):
+            kept.append(row), probs.append(p), labels.append(y)
+    if not kept:
+        raise PneumoError(f"{path}: no usable prediction rows for classes {classes}")
+    return kept, np.asarray(probs, dtype=np.float64), np.asarray(labels)
+
+
+CSV_ROUNDING = 5e-7  # valid_predictions.csv holds 6 decimals
+
+
+def decide(probs: np.ndarray, classes: list[str], threshold: float, positive_class: str | None) -> np.ndarray:
+    """``LoadedModel.decide`` from a model.json alone: the threshold for two classes, else argmax.
+
+    A Youden threshold is exactly one validation score; rounded to 6 decimals in the CSV, that score
+    may fall just below it, so scores within the rounding error count as reaching the threshold.
+    """
+    if len(classes) == 2 and positive_class in classes:
+        pos = classes.index(positive_class)
+        return np.where(probs[:, pos] >= threshold - CSV_ROUNDING, pos, 1 - pos)
+    return probs.argmax(axis=1)
+
+
+def _tile(path_text: str, run_dir: Path) -> tuple[np.ndarray, str | None]:
+    """A GRID_PX square grey tile of the image, or a blank tile and the reason it is missing."""
+    for candidate in (Path(path_text), run_dir / path_text):
+        if candidate.is_file():
+            try:
+                return prepare(candidate, GRID_PX), None
+            except PneumoError as exc:
+                return np.full((GRID_PX, GRID_PX), 40, np.uint8), str(exc).rsplit(": ", 1)[-1]
+    return np.full((GRID_PX, GRID_PX), 40, np.uint8), "image not found"
+
+
+def interpret_run(run_dir: str | Path, out: str | Path | None = None, k: int = 9) -> dict[str, Any]:
+    """fastai's ``plot_top_losses`` and ``plot_confusion_matrix`` for a run's validation predictions.
+
+    Loss is -log p(actual class); titles read "predicted/actual/loss/p(predicted)" and are drawn in
+    vermillion when the prediction (at the stored threshold) is wrong.
+    """
+    run_dir = Path(run_dir)
+    if k < 1:
+        raise PneumoError(f"--k must be at least 1, got {k}")
+    meta = _read_model_json(run_dir)
+    classes = list(meta["classes"])
+    threshold = float(meta.get("threshold", 0.5))
+    rows, probs, labels = _read_predictions(run_dir, classes)
+    predicted = decide(probs, classes, threshold, meta.get("positive_class"))
+    losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
+    order = np.argsort(-losses, kind="stable")[:k]
+    top, tiles, titles, colours = [], [], [], []
+    for i in order:
+        actual, pred = classes[labels[i]], classes[predicted[i]]
+        p_pred = float(probs[i, predicted[i]])
+        top.append({"path": rows[i]["path"], "actual": actual, "predicted": pred, "loss": float(losses[i]),
+                    "probability": p_pred})
+        tile, problem = _tile(rows[i]["path"], run_dir)
+        tiles.append(tile)
+        titles.append(f"{pred}/{actual}/{losses[i]:.2f}/{p_pred:.2f}" + (f"\n({problem})" if problem else ""))
+        colours.append(VERMILLION if pred != actual else "black")
+    out_dir = Path(out) if out is not None else run_dir
+    top_png = plot_image_grid(tiles, titles, out_dir / "top_losses.png", ncols=min(3, len(tiles)),
+                              suptitle="prediction/actual/loss/probability", title_colors=colours)
+    cm = np.zeros((len(classes), len(classes)), dtype=int)
+    np.add.at(cm, (labels, predicted), 1)
+    at = f" (threshold {threshold:.3f})" if len(classes) == 2 and meta.get("positive_class") in classes else ""
+    cm_png = plot_confusion_matrix(cm, classes, out_dir / "confusion_matrix.png",
+                                   title=f"Confusion matrix, validation{at}")
+    return {"top_losses_png": str(top_png), "confusion_matrix_png": str(cm_png), "top_losses": top,
+            "confusion_matrix": cm.tolist(), "classes": classes, "threshold": threshold}

@@ -1,0 +1,283 @@
+"""The web app: one page to read an X-ray, and the JSON API behind it.
+
+Uploads are untrusted. Every bad input gets a 4xx naming the problem, never a 500: a body larger
+than the cap is cut off while it arrives (413), anything that is not a JPEG or PNG by its first
+bytes is refused (415), a decompression bomb (413) and a corrupt or truncated image (422) are
+caught by ``imaging.open_image``. Decoding and inference run in a small thread pool; when more
+than ``queue_limit`` requests already wait for it, new ones get a quick 503 instead of piling up
+in memory. Nothing on the page or in /docs loads from a CDN, so it works offline.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import html
+import io
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+
+from pneumo import __version__
+from pneumo.errors import ImageError, PneumoError
+from pneumo.explain import DEFAULT_CMAP, gradcam_heatmap
+from pneumo.imaging import MAX_PIXELS, open_image, prepare, to_grey_uint8
+from pneumo.model_io import LoadedModel, load_model
+from pneumo.plots import overlay_heatmap_array
+
+STATIC = Path(__file__).parent / "static"
+MAGIC = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG\r\n\x1a\n": "image/png"}
+ACCEPTED_TYPES = {"", "application/octet-stream"}  # plus any image/*; the first bytes decide
+ENVELOPE_BYTES = 64 * 1024   # multipart boundaries and headers around the file itself
+HEATMAP_MAX_SIDE = 800       # the page needs no more; keeps the JSON small for 3000 px radiographs
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
+                               "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+log = logging.getLogger("pneumo.serve")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 as soon as a request body passes ``limit`` bytes (declared or streamed)."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # FastAPI re-raises HTTPException from body parsing as it is
+                raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _message(self) -> str:
+        return f"upload too large: the limit is {(self.limit - ENVELOPE_BYTES) / 2**20:.1f} MB"
+
+    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
+        await JSONResponse({"detail": self._message()}, status_code=413)(scope, receive, send)
+
+
+class SecurityHeaders:
+    """ASGI middleware: a strict content security policy (no third-party anything) on every response."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items() if k.encode() not in present]
+                message = {**message, "headers": list(message.get("headers", [])) + extra}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class InferencePool:
+    """A fixed number of inference threads and a bounded number of requests allowed to wait."""
+
+    def __init__(self, workers: int, queue_limit: int):
+        if workers < 1 or queue_limit < 0:
+            raise PneumoError(f"need at least 1 inference worker and a queue limit >= 0 "
+                              f"(got {workers} and {queue_limit})")
+        self.workers, self.queue_limit = workers, queue_limit
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="pneumo-infer")
+        self.active = 0  # running + waiting; touched only on the event loop thread
+
+    @property
+    def waiting(self) -> int:
+        return max(0, self.active - self.workers)
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        if self.active >= self.workers + self.queue_limit:
+            raise HTTPException(503, f"server busy: {self.waiting} requests already waiting; retry shortly",
+                                headers={"retry-after": "1"})
+        self.active += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        finally:
+            self.active -= 1
+
+
+def sniff_image_type(data: bytes) -> str | None:
+    return next((kind for magic, kind in MAGIC.items() if data.startswith(magic)), None)
+
+
+def check_pixel_count(data: bytes, name: str, max_pixels: int) -> None:
+    """Refuse a decompression bomb from its header alone, before it takes an inference slot.
+
+    Only the header is parsed here (cheap); any other problem is left to the full decode in the pool.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+    except Image.DecompressionBombError as exc:
+        raise HTTPException(413, f"{name}: refusing a possible decompression bomb: {exc}") from None
+    except Exception:  # noqa: BLE001 - reported precisely by open_image on the pool thread
+        return
+    if width * height > max_pixels:
+        raise HTTPException(413, f"{name}: image too large ({width}x{height} pixels; limit {max_pixels:,}): "
+                                 f"refusing a possible decompression bomb")
+
+
+def png_base64(rgb: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=3)  # 3x faster than 6, 7% larger
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def read_xray(model: LoadedModel, data: bytes, name: str, heatmap: bool, max_pixels: int) -> dict[str, Any]:
+    """Decode, predict and (optionally) explain one upload: the work done on a pool thread."""
+    start = time.perf_counter()
+    try:
+        img = open_image(data, max_pixels=max_pixels)
+        pixels = np.array(prepare(img, model.meta.image_size))  # writable: torch warns on read-only
+    except ImageError as exc:
+        status = 413 if "decompression bomb" in exc.reason else 422
+        raise HTTPException(status, f"{name}: {exc.reason}") from None
+    except Exception as exc:  # noqa: BLE001 - a decoder failing on hostile bytes is bad input, not a crash
+        raise HTTPException(422, f"{name}: cannot decode the image ({type(exc).__name__}: {exc})") from None
+    probs = model.probabilities(pixels[None])[0]
+    predicted = int(model.decide(probs[None])[0])
+    result: dict[str, Any] = {
+        "filename": name, "label": model.classes[predicted], "probability": float(probs[predicted]),
+        "probabilities": {c: float(p) for c, p in zip(model.classes, probs)},
+        "threshold": threshold_of(model), "positive_class": model.meta.positive_class,
+        "image": {"width": img.width, "height": img.height, "mode": img.mode},
+        "heatmap_png_base64": None, "heatmap_class": None,
+    }
+    if heatmap:
+        heat = gradcam_heatmap(model, pixels, predicted)
+        grey = Image.fromarray(to_grey_uint8(img), mode="L")
+        grey.thumbnail((HEATMAP_MAX_SIDE, HEATMAP_MAX_SIDE), Image.BILINEAR)
+        result["heatmap_png_base64"] = png_base64(overlay_heatmap_array(np.asarray(grey), heat, 0.4, DEFAULT_CMAP))
+        result["heatmap_class"] = model.classes[predicted]
+    result["elapsed_ms"] = round(1000 * (time.perf_counter() - start), 1)
+    return result
+
+
+def threshold_of(model: LoadedModel) -> float | None:
+    """The decision threshold on p(positive) in use, or None when the model decides by argmax."""
+    return float(model.meta.threshold) if model.positive is not None and len(model.classes) == 2 else None
+
+
+def docs_page(app: FastAPI) -> str:
+    """A CDN-free stand-in for Swagger UI: each route, its summary and a link to the schema."""
+    rows = []
+    for path, ops in app.openapi().get("paths", {}).items():
+        for method, op in ops.items():
+            rows.append(f"<tr><td><code>{html.escape(method.upper())}</code></td><td><code>{html.escape(path)}"
+                        f"</code></td><td>{html.escape(op.get('summary', ''))}</td></tr>")
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>pneumo API</title>"
+            "<link rel='stylesheet' href='/static/style.css'></head><body><main><h1>pneumo API</h1>"
+            "<p>The full schema is at <a href='/openapi.json'>/openapi.json</a>.</p><table><thead><tr>"
+            "<th>method</th><th>path</th><th>what</th></tr></thead><tbody>" + "".join(rows) +
+            "</tbody></table></main></body></html>")
+
+
+def create_app(model_dir: str | Path, max_upload_mb: float = 20.0, inference_workers: int = 2,
+               queue_limit: int = 32, max_pixels: int = MAX_PIXELS) -> FastAPI:
+    """The FastAPI app for one model folder (loaded once, shared by the inference threads)."""
+    if not max_upload_mb > 0:
+        raise PneumoError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    model = load_model(model_dir)
+    pool = InferencePool(inference_workers, queue_limit)
+    max_bytes = int(max_upload_mb * 2**20)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        pool.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="pneumo", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Read a chest X-ray: label, probability, the decision threshold and a Grad-CAM "
+                              "heatmap. A research tool, not a medical device.")
+    app.state.model, app.state.pool = model, pool
+    app.add_middleware(BodyLimit, limit=max_bytes + ENVELOPE_BYTES)
+    app.add_middleware(SecurityHeaders)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(docs_page(app))
+
+    @app.get("/health", summary="liveness and queue state")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "arch": model.meta.arch, "workers": pool.workers, "active": pool.active,
+                "waiting": pool.waiting, "queue_limit": pool.queue_limit}
+
+    @app.get("/api/model", summary="what the model reads and how it decides")
+    async def model_info() -> dict[str, Any]:
+        return {"arch": model.meta.arch, "classes": model.classes, "image_size": model.meta.image_size,
+                "threshold": threshold_of(model), "positive_class": model.meta.positive_class,
+                "threshold_method": model.meta.threshold_method, "temperature": model.meta.temperature,
+                "max_upload_mb": max_upload_mb, "accepted": sorted(set(MAGIC.values())),
+                "pneumo_version": model.meta.pneumo_version}
+
+    @app.post("/api/predict", summary="label, probability, threshold and Grad-CAM heatmap for one image")
+    async def predict(file: UploadFile = File(..., description="a JPEG or PNG chest X-ray"),
+                      heatmap: bool = Query(True, description="include a Grad-CAM overlay as base64 PNG")
+                      ) -> dict[str, Any]:
+        name = file.filename or "upload"
+        declared = (file.content_type or "").split(";")[0].strip().lower()
+        if declared not in ACCEPTED_TYPES and not declared.startswith("image/"):
+            raise HTTPException(415, f"{name}: content type {declared!r} is not an image; send a JPEG or PNG")
+        data = await file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise HTTPException(413, f"{name}: upload too large: the limit is {max_upload_mb:.1f} MB")
+        if not data:
+            raise HTTPException(422, f"{name}: empty file (0 bytes)")
+        if sniff_image_type(data) is None:
+            raise HTTPException(415, f"{name}: not a JPEG or PNG (the file starts with {data[:8]!r})")
+        check_pixel_count(data, name, max_pixels)
+        return await pool.run(read_xray, model, data, name, heatmap, max_pixels)
+
+    return app
+
+
+def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 20.0,
+          inference_workers: int = 2, queue_limit: int = 32) -> None:
+    """Run the app with uvicorn; loopback only unless ``host`` says otherwise."""
+    import uvicorn
+
+    app = create_app(model_dir, max_upload_mb, inference_workers, queue_limit)
+    # Each inference thread gets its share of the cores: more intra-op threads than cores only spin.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // inference_workers))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: anyone who can reach this address can upload images", host)
+    print(f"pneumo: reading X-rays at http://{'[' + host + ']' if ':' in host else host}:{port}/ "
+          f"(model {app.state.model.meta.arch}, Ctrl+C to stop)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)

@@ -1,0 +1,207 @@
+"""The web API: good images read, every bad upload refused with a clear 4xx, never a 500."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import struct
+import threading
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+from fastapi import HTTPException
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from pneumo.imaging import prepare
+from pneumo.model_io import load_model
+from pneumo.serve import InferencePool, create_app
+
+SAMPLE = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "sample_data" / "chest_xray"
+STATIC = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "static"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small model per test session (shared with test_explain.py through the session's temp root)."""
+    from pneumo.train import train
+    run = tmp_path_factory.getbasetemp() / "pneumo-model-64"
+    if not (run / "model" / "model.safetensors").is_file():
+        with one_torch_thread():
+            train(SAMPLE, out=run, epochs=1, image_size=64, progress=False)
+    return run
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny inputs gain nothing from intra-op threads, and on a busy 2-core box they spin (2-3x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def client(trained_run: Path) -> TestClient:
+    app = create_app(trained_run / "model", max_upload_mb=1.0, inference_workers=2, queue_limit=4)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def xray_bytes(fmt: str, size: tuple[int, int] = (300, 240)) -> bytes:
+    """A real sample X-ray, resized to a non-square shape, encoded as ``fmt``."""
+    path = sorted(SAMPLE.glob("test/PNEUMONIA/*.jpeg"))[0]
+    buf = io.BytesIO()
+    Image.open(path).convert("L").resize(size).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` grey pixels: a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (width + 1) * 4, 9)  # a few rows of zeros; the rest never decoded
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def post(client: TestClient, data: bytes, name: str = "x.jpeg", ctype: str = "image/jpeg", **params: str):
+    return client.post("/api/predict", files={"file": (name, data, ctype)}, params=params)
+
+
+@pytest.mark.parametrize("fmt,ctype", [("JPEG", "image/jpeg"), ("PNG", "image/png")])
+def test_good_image_gives_label_probability_threshold_heatmap(client: TestClient, trained_run: Path,
+                                                              fmt: str, ctype: str) -> None:
+    data = xray_bytes(fmt)
+    r = post(client, data, f"xray.{fmt.lower()}", ctype)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    model = load_model(trained_run / "model")
+    probs = model.probabilities(np.array(prepare(data, 64))[None])
+    assert body["label"] == model.classes[int(model.decide(probs)[0])]  # the stored threshold decides
+    assert body["probability"] == pytest.approx(float(probs[0, model.classes.index(body["label"])]), abs=1e-5)
+    assert body["threshold"] == pytest.approx(model.meta.threshold)
+    assert set(body["probabilities"]) == {"NORMAL", "PNEUMONIA"}
+    assert body["image"] == {"width": 300, "height": 240, "mode": "L"}
+    with Image.open(io.BytesIO(base64.b64decode(body["heatmap_png_base64"]))) as heat:
+        assert heat.format == "PNG" and heat.size == (300, 240) and heat.mode == "RGB"
+    assert body["heatmap_class"] == body["label"]
+
+
+def test_heatmap_can_be_left_out(client: TestClient) -> None:
+    r = post(client, xray_bytes("JPEG"), heatmap="false")
+    assert r.status_code == 200 and r.json()["heatmap_png_base64"] is None and r.json()["label"]
+
+
+@pytest.mark.parametrize("data,name,ctype,status,words", [
+    (b"just some notes, not an x-ray\n", "notes.jpeg", "image/jpeg", 415, "not a JPEG or PNG"),
+    (b"GIF89a" + bytes(40), "anim.gif", "image/gif", 415, "not a JPEG or PNG"),
+    (b"\x89PNG\r\n\x1a\n", "x.png", "text/plain", 415, "content type"),
+    (b"", "empty.png", "image/png", 422, "empty"),
+    (b"\xff\xd8\xff" + bytes(500), "zeros.jpeg", "image/jpeg", 422, "zeros.jpeg"),
+    (b"\x89PNG\r\n\x1a\n" + b"\xde\xad" * 100, "garbage.png", "image/png", 422, "garbage.png"),
+])
+def test_bad_uploads_are_refused_clearly(client: TestClient, data: bytes, name: str, ctype: str, status: int,
+                                         words: str) -> None:
+    r = post(client, data, name, ctype)
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+
+
+def test_truncated_jpeg_is_422_naming_the_problem(client: TestClient) -> None:
+    data = xray_bytes("JPEG")
+    for cut in (len(data) // 2, 300):
+        r = post(client, data[:cut], "cut.jpeg")
+        assert r.status_code == 422 and "cut.jpeg" in r.json()["detail"]
+        assert "truncat" in r.json()["detail"].lower()
+
+
+def test_too_large_upload_is_413(client: TestClient) -> None:
+    big = b"\xff\xd8\xff" + bytes(int(1.2 * 2**20))
+    r = post(client, big, "big.jpeg")
+    assert r.status_code == 413 and "1.0 MB" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: the body is cut off while it streams in
+        for _ in range(20):
+            yield bytes(128 * 1024)
+    r = client.post("/api/predict", content=chunks(),
+                    headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code == 413
+
+
+def test_decompression_bomb_is_refused(client: TestClient, trained_run: Path) -> None:
+    bomb = png_claiming(20000, 20000)
+    assert len(bomb) < 2000
+    r = post(client, bomb, "bomb.png", "image/png")
+    assert r.status_code == 413 and "decompression bomb" in r.json()["detail"]
+    strict = create_app(trained_run / "model", max_pixels=100 * 100)
+    with TestClient(strict, raise_server_exceptions=False) as c:
+        r = post(c, xray_bytes("PNG"), "big.png", "image/png")
+        assert r.status_code == 413 and "300x240" in r.json()["detail"]
+
+
+def test_fuzzed_bytes_never_give_a_500(client: TestClient) -> None:
+    rng = np.random.default_rng(0)
+    good = xray_bytes("JPEG")
+    for i in range(12):
+        data = bytearray(good)
+        spots = rng.integers(3, len(data), 40)
+        data[spots[0]:spots[0] + 1] = b""  # shift once, then scribble
+        for s in spots[1:]:
+            if s < len(data):
+                data[s] = int(rng.integers(0, 256))
+        r = post(client, bytes(data), f"fuzz{i}.jpeg")
+        assert r.status_code in (200, 413, 415, 422), (i, r.status_code, r.text)
+
+
+def test_missing_file_field_is_422(client: TestClient) -> None:
+    assert client.post("/api/predict").status_code == 422
+
+
+def test_model_health_openapi_and_offline_pages(client: TestClient) -> None:
+    info = client.get("/api/model").json()
+    assert info["classes"] == ["NORMAL", "PNEUMONIA"] and info["image_size"] == 64
+    assert info["arch"] == "efficientnet_lite0" and 0 < info["threshold"] < 1
+    assert client.get("/health").json()["status"] == "ok"
+    schema = client.get("/openapi.json").json()
+    assert "post" in schema["paths"]["/api/predict"] and "/api/model" in schema["paths"]
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/api/predict" in docs.text and "cdn" not in docs.text.lower()
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="file"' in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for name in ("index.html", "app.js", "style.css"):  # nothing fetched from anywhere else
+        text = (STATIC / name).read_text()
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text
+        assert client.get(f"/static/{name}").status_code == 200
+
+
+def test_pool_answers_503_when_the_queue_is_full() -> None:
+    release = threading.Event()
+
+    async def scenario() -> list:
+        pool = InferencePool(workers=1, queue_limit=1)
+        running = [asyncio.create_task(pool.run(release.wait, 10)) for _ in range(2)]  # 1 runs, 1 waits
+        await asyncio.sleep(0.05)
+        assert pool.active == 2 and pool.waiting == 1
+        with pytest.raises(HTTPException) as refused:
+            await pool.run(release.wait, 10)
+        release.set()
+        done = await asyncio.gather(*running)
+        pool.executor.shutdown()
+        return [refused.value.status_code, pool.active, *done]
+
+    assert asyncio.run(scenario()) == [503, 0, True, True]

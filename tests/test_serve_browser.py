@@ -1,0 +1,123 @@
+"""The page in a real headless Chromium: upload an X-ray through the file input, read the answer.
+
+Needs Debian's /usr/bin/chromium and the Playwright Python client (``tools/install_browser.sh``
+installs both; ``playwright install`` is never used, it downloads browsers from a CDN).
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+import torch
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SAMPLE = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "sample_data" / "chest_xray"
+
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is missing: run tools/install_browser.sh", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is missing: run tools/install_browser.sh")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small model per test session (shared with the other test modules through the temp root)."""
+    from pneumo.train import train
+    run = tmp_path_factory.getbasetemp() / "pneumo-model-64"
+    if not (run / "model" / "model.safetensors").is_file():
+        with one_torch_thread():
+            train(SAMPLE, out=run, epochs=1, image_size=64, progress=False)
+    return run
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny inputs gain nothing from intra-op threads, and on a busy 2-core box they spin (2-3x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained_run: Path):
+    """uvicorn on loopback with a free port, in a thread; stopped when the module's tests end."""
+    import uvicorn
+
+    from pneumo.serve import create_app
+
+    port = free_port()
+    config = uvicorn.Config(create_app(trained_run / "model"), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start within 30 s")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_page_reads_an_uploaded_xray(server: str, tmp_path: Path) -> None:
+    image = sorted(SAMPLE.glob("test/PNEUMONIA/*.jpeg"))[0]
+    expected = httpx.post(f"{server}/api/predict", params={"heatmap": "false"},
+                          files={"file": (image.name, image.read_bytes(), "image/jpeg")}, timeout=60).json()
+    outside, console_errors = [], []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.on("request", lambda req: None if req.url.startswith((server, "data:", "blob:"))
+                    else outside.append(req.url))
+            page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
+            page.goto(server + "/")
+            sync_api.expect(page.locator("#model-info")).to_contain_text("efficientnet_lite0")
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+            label = page.inner_text("#label")
+            probability = page.inner_text("#probability")
+            threshold = page.inner_text("#threshold")
+            page.wait_for_function("document.getElementById('heatmap').naturalWidth > 0")
+            heat_width = page.eval_on_selector("#heatmap", "img => img.naturalWidth")
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+            # a bad file shows the server's reason instead of a result
+            bad = tmp_path / "notes.jpeg"
+            bad.write_text("not an x-ray")
+            page.set_input_files("#file", str(bad))
+            sync_api.expect(page.locator("#status")).to_contain_text("415")
+            sync_api.expect(page.locator("#status")).to_contain_text("not a JPEG or PNG")
+            assert page.locator("#result").is_hidden()
+        finally:
+            browser.close()
+    assert label == expected["label"]
+    assert probability == f"{100 * expected['probability']:.1f} %"
+    assert f"{expected['threshold']:.3f}" in threshold
+    assert heat_width == 224  # the sample image's own width
+    assert outside == [], f"the page fetched from outside the server: {outside}"
+    assert not [e for e in console_errors if "415" not in e], console_errors
+    assert (tmp_path / "page.png").stat().st_size > 10_000
