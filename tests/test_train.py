@@ -23,7 +23,7 @@ FAST = dict(image_size=64, progress=False, seed=3)
 
 
 def strip_time(history):
-    return [{k: v for k, v in row.items() if k != "time"} for row in history]
+    return [{k: v for k, v in row.items() if k not in ("time", "valid_time", "elapsed")} for row in history]
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,8 @@ def cmd_show_batch(args: argparse.Namespace) -> int:
 
 def training_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ["arch", "pretrained", "weights", "image_size", "valid_pct", "split", "keep_val", "patient_rule",
-             "batch_size", "seed", "device", "mode", "class_balance", "precision"]
+             "batch_size", "seed", "device", "mode", "class_balance", "precision", "feature_views",
+             "bn_adapt_images", "weight_decay"]
     options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "no_augment", False):
         options["augment"] = False
@@ -181,7 +182,13 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="auto (default), cpu, cuda")
     g.add_argument("--mode", choices=["auto", "features", "full"], default=None,
                    help="frozen phase on cached features (CPU default) or the full network (GPU default)")
-    g.add_argument("--class-balance", choices=["none", "weights"], default=None)
+    g.add_argument("--class-balance", choices=["none", "weights"], default=None,
+                   help="'weights': loss weights inverse to class frequency (train is 3:1 pneumonia)")
+    g.add_argument("--feature-views", type=int, default=None,
+                   help="features mode: augmented copies of each training image to cache (default 1)")
+    g.add_argument("--bn-adapt-images", type=int, default=None,
+                   help="features mode: images that re-estimate BatchNorm statistics (0: keep ImageNet's)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.01)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None)
     g.add_argument("--no-augment", action="store_true", help="no random rotation/zoom/lighting/flip")
 

@@ -157,6 +157,7 @@ def train(data: str | Path | None = None, *, resume: bool = False, progress: boo
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
 
+    started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     log = lambda line: tqdm.write(line, file=sys.stdout if progress else sys.stderr)  # noqa: E731
     device = resolve_device(cfg.device)
@@ -206,12 +207,14 @@ def train(data: str | Path | None = None, *, resume: bool = False, progress: boo
         for epoch in range(first, epochs):
             t0 = time.perf_counter()
             train_loss = phase.train_epoch(epoch, progress)
+            t1 = time.perf_counter()
             logits = valid_logits = phase.valid_logits().cpu()
             valid_loss = F.cross_entropy(logits, valid_y).item()
             error = (logits.argmax(1) != valid_y).float().mean().item()
             row = {"epoch": len(history) + 1, "phase": name, "train_loss": round(train_loss, 6),
                    "valid_loss": round(valid_loss, 6), "error_rate": round(error, 6),
-                   "time": round(time.perf_counter() - t0, 2)}
+                   "time": round(time.perf_counter() - t0, 2), "valid_time": round(time.perf_counter() - t1, 2),
+                   "elapsed": round(time.perf_counter() - started, 2)}
             history.append(row)
             log(format_row(row))
             done_phase, done_epoch = (phase_index, epoch + 1)
