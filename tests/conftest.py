@@ -16,7 +16,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_ROOT = REPO / "src" / "pneumo" / "sample_data" / "chest_xray"
-SHARED_DATA = Path(os.environ.get("PNEUMO_SHARED_DATA", "/work/shared/data"))
+SHARED_DATA = Path(os.environ.get("PNEUMO_SHARED_DATA", REPO.parent / "shared" / "data"))
+if not SHARED_DATA.exists():  # a clone elsewhere on the development machine
+    SHARED_DATA = Path("/work/shared/data")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -20,7 +20,9 @@ from pneumo.model_io import LoadedModel, ModelMeta, load_model
 from pneumo.models import BACKBONES, create_model
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "sample_data" / "chest_xray"
-FULLRES = Path("/work/shared/data/chest_xray_fullres_sample")
+from conftest import SHARED_DATA  # noqa: E402
+
+FULLRES = SHARED_DATA / "chest_xray_fullres_sample"
 
 
 @pytest.fixture(scope="session")
