@@ -1,0 +1,244 @@
+"""pneumo against fastai on the tutorial's recipe: lr_find, then fit_one_cycle(epochs, 3e-3), same split.
+
+Each library runs in its own process (so its peak memory is its own), lr_find first as in the
+tutorial, then training. pneumo runs exactly as a user gets it (``pneumo.lr_find`` and
+``pneumo.train``: features mode on a CPU, full mode on a GPU), each call with a fresh empty decode
+cache, so its times include JPEG decoding as fastai's include its loading. fastai then trains on
+the very files of pneumo's ``split.json``. Prints one JSON object::
+
+    .venv/bin/python bench/speed.py --limit 1000 --epochs 2            # CPU
+    .venv/bin/python bench/speed.py --device cuda --epochs 8            # GPU, all 5,216 images
+
+``pneumo.fit_s`` is the whole ``train()`` call (decoding, BatchNorm adaptation, features, epochs,
+evaluation, figures, model export); ``fastai.fit_s`` is ``fit_one_cycle`` alone, not counting its
+DataLoaders and learner setup (``fastai.setup_s``): both choices favour fastai.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+BENCH = Path(__file__).resolve().parent
+DEFAULT_DATA = BENCH.parent.parent / "shared" / "data" / "chest_xray_224" / "train"
+
+
+def stratified_subset(root: Path, limit: int, seed: int, dest: Path) -> Path:
+    """A folder of class folders holding symlinks to ``limit`` images, class proportions kept, seeded."""
+    from pneumo.data import discover
+
+    samples = [s for s in discover(root).samples if s.split != "test"]
+    if limit >= len(samples):
+        return root
+    by_class: dict[str, list[Path]] = {}
+    for s in samples:
+        by_class.setdefault(s.path.parent.name, []).append(s.path)
+    rng = random.Random(seed)
+    left, total = limit, len(samples)
+    for i, (name, paths) in enumerate(sorted(by_class.items())):
+        paths = sorted(paths)
+        rng.shuffle(paths)
+        take = left if i == len(by_class) - 1 else round(limit * len(paths) / total)
+        left -= take
+        (dest / name).mkdir(parents=True, exist_ok=True)
+        for p in paths[:take]:
+            (dest / name / p.name).symlink_to(p.resolve())
+    return dest
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        import torch
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children: less load-sensitive than wall time."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def add_timers(timers: dict[str, float]) -> None:
+    """Wrap pneumo.train's decode / BatchNorm / feature functions to time them (no pneumo file edited)."""
+    import pneumo.train as T
+
+    def timed(name: str, fn: Callable) -> Callable:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timers[name] = timers.get(name, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    T.decode_images = timed("decode_s", T.decode_images)
+    T.adapt_batchnorm = timed("bn_adapt_s", T.adapt_batchnorm)
+    T.extract_features = timed("features_s", T.extract_features)
+    T.create_model = timed("create_model_s", T.create_model)
+    import pneumo.models as models  # lr_find imports create_model and plot_lr_find when called
+    import pneumo.plots as plots
+    models.create_model = timed("create_model_s", models.create_model)
+    plots.plot_lr_find = timed("plot_s", plots.plot_lr_find)
+    import pneumo.finish as finish  # train() imports finish_run from here when it needs it
+    finish.finish_run = timed("finish_s", finish.finish_run)
+
+
+def run_pneumo(data: Path, workdir: Path, *, epochs: int, image_size: int, split: str, device: str, seed: int,
+               lr_find_iters: int, skip_lr_find: bool) -> dict:
+    """pneumo.lr_find then pneumo.train, each on a fresh decode cache; run folder in ``workdir/run``."""
+    import torch
+
+    # not pneumo.train / pneumo.lr_find: once the submodules are imported those names are the modules
+    from pneumo.lr_find import lr_find
+    from pneumo.train import train
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    options = dict(image_size=image_size, split=split, valid_pct=0.2, seed=seed, device=device,
+                   batch_size=64, lr=3e-3)
+    result: dict[str, Any] = {"library": "pneumo", "torch_threads": torch.get_num_threads()}
+    if not skip_lr_find:
+        timers: dict[str, float] = {}
+        add_timers(timers)
+        os.environ["PNEUMO_CACHE"] = str(workdir / "cache_lr_find")
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        found = lr_find(data, out=workdir / "lr_find", num_it=lr_find_iters, progress=False, **options)
+        result["lr_find_s"] = round(time.perf_counter() - t0, 2)
+        result["lr_find_cpu_s"] = round(cpu_seconds() - c0, 2)
+        result["lr_find_iters"] = len(found.lrs)
+        result["lr_find_valley"] = found.suggestion
+        result["lr_find_parts"] = {k: round(v, 2) for k, v in timers.items()}
+    timers = {}
+    add_timers(timers)
+    os.environ["PNEUMO_CACHE"] = str(workdir / "cache_train")
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    run = train(data, out=workdir / "run", epochs=epochs, progress=False, **options)
+    fit_s, fit_cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
+    n_train = len(json.loads((run.run_dir / "split.json").read_text())["train"])
+    parts = {k: round(timers.get(k, 0.0), 3 if k == "decode_s" else 2)
+             for k in ("decode_s", "create_model_s", "bn_adapt_s", "features_s", "finish_s")}
+    result.update({
+        "fit_s": round(fit_s, 2), "fit_cpu_s": round(fit_cpu_s, 2), "img_per_s": round(n_train * epochs / fit_s, 2),
+        **parts, "epochs_s": round(sum(row["time"] for row in run.history), 2),
+        "valid_error": run.history[-1]["error_rate"], "valid_loss": run.history[-1]["valid_loss"],
+        "mode": "features" if device == "cpu" else "full",  # what mode "auto" resolves to
+        "peak_mem_mb": peak_memory_mb(device), "run_dir": str(run.run_dir)})
+    return result
+
+
+def run_json(cmd: Sequence[str], env: dict[str, str] | None = None) -> dict:
+    """Run one side in its own process; its stdout is one JSON object, its stderr passes through."""
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def environment(device: str) -> dict:
+    import platform
+
+    import torch
+
+    info = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    try:
+        import fastai
+        info["fastai"] = fastai.__version__
+    except ImportError:
+        info["fastai"] = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+def compare(p: dict, f: dict | None) -> dict:
+    if not f:
+        return {}
+    p_recipe = p.get("lr_find_s", 0) + p["fit_s"]
+    f_recipe = f.get("lr_find_s", 0) + f["fit_s"] + f["setup_s"]
+    return {"fit_speedup": ratio(f["fit_s"], p["fit_s"]),
+            "lr_find_speedup": ratio(f.get("lr_find_s"), p.get("lr_find_s")),
+            "recipe_speedup": ratio(f_recipe, p_recipe), "error_diff": round(p["valid_error"] - f["valid_error"], 6),
+            "fit_cpu_ratio": ratio(f["fit_cpu_s"], p["fit_cpu_s"]),
+            "lr_find_cpu_ratio": ratio(f.get("lr_find_cpu_s"), p.get("lr_find_cpu_s"))}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="class folders (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="use N images, stratified by class, seeded")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--split", choices=["random", "patient"], default="random",
+                   help="random image split (the tutorial's, default) or by patient")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--workers", type=int, default=None, help="fastai DataLoader workers (default: fastai's)")
+    p.add_argument("--lr-find-iters", type=int, default=100, help="LR range test iterations, both sides")
+    p.add_argument("--skip-lr-find", action="store_true")
+    p.add_argument("--skip-fastai", action="store_true")
+    p.add_argument("--fastai-fp16", action="store_true", help="fastai with learn.to_fp16() (tutorial: fp32)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--workdir", type=Path, default=None, help="keep subset, caches and runs here (default: temp)")
+    p.add_argument("--side", choices=["both", "pneumo"], default="both", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.side == "pneumo":  # the child process: one side only
+        with contextlib.redirect_stdout(sys.stderr):  # pneumo's epoch table goes to stderr; stdout is JSON
+            result = run_pneumo(args.data, args.workdir, epochs=args.epochs, image_size=args.image_size,
+                                split=args.split, device=args.device, seed=args.seed,
+                                lr_find_iters=args.lr_find_iters, skip_lr_find=args.skip_lr_find)
+        print(json.dumps(result))
+        return 0
+
+    with contextlib.ExitStack() as stack:
+        workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pneumo_speed_")))
+        workdir.mkdir(parents=True, exist_ok=True)
+        data = stratified_subset(args.data, args.limit, args.seed, workdir / "subset") if args.limit else args.data
+        load_before = os.getloadavg()
+        common = ["--epochs", str(args.epochs), "--image-size", str(args.image_size), "--device", args.device,
+                  "--seed", str(args.seed), "--lr-find-iters", str(args.lr_find_iters)]
+        common += ["--skip-lr-find"] if args.skip_lr_find else []
+        print("pneumo: lr_find + train ...", file=sys.stderr)
+        pneumo_side = run_json([sys.executable, __file__, "--side", "pneumo", "--data", str(data), "--workdir",
+                                str(workdir), "--split", args.split, *common])
+        fastai_side = None
+        if not args.skip_fastai:
+            print("fastai: lr_find + fit_one_cycle ...", file=sys.stderr)
+            extra = ["--workers", str(args.workers)] if args.workers is not None else []
+            extra += ["--fp16"] if args.fastai_fp16 else []
+            fastai_side = run_json([sys.executable, str(BENCH / "fastai_peer.py"), "--split-json",
+                                    str(Path(pneumo_side["run_dir"]) / "split.json"), "--workdir",
+                                    str(workdir / "fastai"), *common, *extra])
+        split = json.loads((Path(pneumo_side["run_dir"]) / "split.json").read_text())
+        report = {
+            "config": {"data": str(args.data), "limit": args.limit, "n_train": len(split["train"]),
+                       "n_valid": len(split["valid"]), "epochs": args.epochs, "image_size": args.image_size,
+                       "split": args.split, "device": args.device, "lr": 3e-3, "batch_size": 64,
+                       "lr_find_iters": None if args.skip_lr_find else args.lr_find_iters, "seed": args.seed,
+                       "loadavg_before": [round(x, 2) for x in load_before],
+                       "loadavg_after": [round(x, 2) for x in os.getloadavg()], **environment(args.device)},
+            "pneumo": pneumo_side, "fastai": fastai_side, "ratios": compare(pneumo_side, fastai_side)}
+        if args.workdir is None:
+            report["pneumo"].pop("run_dir")
+        print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
