@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,3 +132,25 @@ def xray_224_root() -> Path:
     if not (root / "train").is_dir():
         pytest.skip(f"{root}/train not present")
     return root
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny inputs gain nothing from intra-op threads, and on a busy 2-core box they spin (2-3x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small model per test session, shared by the explain and serve tests."""
+    from pneumo.train import train
+    run = tmp_path_factory.getbasetemp() / "pneumo-model-64"
+    if not (run / "model" / "model.safetensors").is_file():
+        with one_torch_thread():
+            train(SAMPLE_ROOT, out=run, epochs=1, image_size=64, progress=False)
+    return run

@@ -209,7 +209,7 @@ def test_usable_val_folder_is_used_as_is(tmp_path: Path, make_tree):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode, size", [("L", (40, 30)), ("RGB", (64, 80)), ("RGBA", (30, 30)), ("I;16", (50, 70))])
 def test_prepare_gives_square_uint8_grey(tmp_path: Path, write_image, mode, size):
-    path = write_image(tmp_path / f"img.png", size=size, mode=mode)
+    path = write_image(tmp_path / "img.png", size=size, mode=mode)
     for source in (path, path.read_bytes(), open_image(path)):
         arr = prepare(source, 32)
         assert arr.shape == (32, 32) and arr.dtype == np.uint8

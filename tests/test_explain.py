@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -20,31 +19,9 @@ from pneumo.model_io import LoadedModel, ModelMeta, load_model
 from pneumo.models import BACKBONES, create_model
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "sample_data" / "chest_xray"
-from conftest import SHARED_DATA  # noqa: E402
+from conftest import SHARED_DATA, one_torch_thread  # noqa: E402
 
 FULLRES = SHARED_DATA / "chest_xray_fullres_sample"
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One small model per test session (shared with test_serve*.py through the session's temp root)."""
-    from pneumo.train import train
-    run = tmp_path_factory.getbasetemp() / "pneumo-model-64"
-    if not (run / "model" / "model.safetensors").is_file():
-        with one_torch_thread():
-            train(SAMPLE, out=run, epochs=1, image_size=64, progress=False)
-    return run
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Tiny inputs gain nothing from intra-op threads, and on a busy 2-core box they spin (2-3x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,13 +7,11 @@ import io
 import struct
 import threading
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pytest
-import torch
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -22,30 +20,9 @@ from pneumo.imaging import prepare
 from pneumo.model_io import load_model
 from pneumo.serve import InferencePool, create_app
 
+from conftest import one_torch_thread  # noqa: E402
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "sample_data" / "chest_xray"
 STATIC = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "static"
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One small model per test session (shared with test_explain.py through the session's temp root)."""
-    from pneumo.train import train
-    run = tmp_path_factory.getbasetemp() / "pneumo-model-64"
-    if not (run / "model" / "model.safetensors").is_file():
-        with one_torch_thread():
-            train(SAMPLE, out=run, epochs=1, image_size=64, progress=False)
-    return run
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Tiny inputs gain nothing from intra-op threads, and on a busy 2-core box they spin (2-3x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)

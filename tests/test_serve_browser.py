@@ -8,44 +8,21 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
-import torch
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from conftest import one_torch_thread  # noqa: E402
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "sample_data" / "chest_xray"
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing: run tools/install_browser.sh", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is missing: run tools/install_browser.sh")
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One small model per test session (shared with the other test modules through the temp root)."""
-    from pneumo.train import train
-    run = tmp_path_factory.getbasetemp() / "pneumo-model-64"
-    if not (run / "model" / "model.safetensors").is_file():
-        with one_torch_thread():
-            train(SAMPLE, out=run, epochs=1, image_size=64, progress=False)
-    return run
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Tiny inputs gain nothing from intra-op threads, and on a busy 2-core box they spin (2-3x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)

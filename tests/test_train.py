@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import pneumo
 from pneumo.errors import PneumoError, TrainingError
