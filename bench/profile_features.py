@@ -26,7 +26,7 @@ from pneumo.cache import decode_images
 from pneumo.config import TrainConfig
 from pneumo.features import adapt_batchnorm, extract_features
 from pneumo.models import create_model, set_body_trainable
-from pneumo.train import HeadOnFeatures, make_optimizer
+from pneumo.training import HeadOnFeatures, make_optimizer
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pneumo.data import discover, split_by_patient
 from pneumo.predict import evaluate_model_on_folder
-from pneumo.train import train
+from pneumo.training import train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_224" / "train"
 

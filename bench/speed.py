@@ -69,8 +69,8 @@ def cpu_seconds() -> float:
 
 
 def add_timers(timers: dict[str, float]) -> None:
-    """Wrap pneumo.train's decode / BatchNorm / feature functions to time them (no pneumo file edited)."""
-    import pneumo.train as T
+    """Wrap pneumo.training's decode / BatchNorm / feature functions to time them (no pneumo file edited)."""
+    import pneumo.training as T
 
     def timed(name: str, fn: Callable) -> Callable:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -98,9 +98,8 @@ def run_pneumo(data: Path, workdir: Path, *, epochs: int, image_size: int, split
     """pneumo.lr_find then pneumo.train, each on a fresh decode cache; run folder in ``workdir/run``."""
     import torch
 
-    # not pneumo.train / pneumo.lr_find: once the submodules are imported those names are the modules
-    from pneumo.lr_find import lr_find
-    from pneumo.train import train
+    from pneumo.lr_finder import lr_find
+    from pneumo.training import train
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

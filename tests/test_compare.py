@@ -123,7 +123,7 @@ def test_finished_runs_are_skipped_and_json_output_is_clean(result, monkeypatch,
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("pneumo.train.train", no_training)
+    monkeypatch.setattr("pneumo.training.train", no_training)
     code = main(["compare", str(SAMPLE), "--fractions", ",".join(map(str, FRACTIONS)), "--seeds", "1",
                  "--epochs", "1", "--image-size", "48", "--device", "cpu", "--out", str(out), "--json"])
     assert code == 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pneumo
-from pneumo.lr_find import find_lr, lr_find, minimum, range_test, steep, valley
+from pneumo.lr_finder import find_lr, lr_find, minimum, range_test, steep, valley
 from pneumo.schedule import cosine, discriminative_lrs, one_cycle, one_cycle_momentum
 
 SAMPLE = Path(pneumo.__file__).parent / "sample_data" / "chest_xray"

@@ -17,7 +17,7 @@ from pneumo.cli import main
 from pneumo.imaging import prepare
 from pneumo.models import create_model
 from pneumo.predict import evaluate_model_on_folder, predict_files
-from pneumo.train import train
+from pneumo.training import train
 
 SAMPLE = Path(pneumo.__file__).parent / "sample_data" / "chest_xray"
 FIXTURE = json.loads((Path(__file__).parent / "data" / "regression.json").read_text())

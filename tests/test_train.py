@@ -15,7 +15,7 @@ import pytest
 import pneumo
 from pneumo.errors import PneumoError, TrainingError
 from pneumo.model_io import load_model
-from pneumo.train import StopRequested, train
+from pneumo.training import StopRequested, train
 
 SAMPLE = Path(pneumo.__file__).parent / "sample_data" / "chest_xray"
 FAST = dict(image_size=64, progress=False, seed=3)
@@ -120,3 +120,11 @@ def test_seeded_runs_repeat(run, tmp_path):
     probs = [np.loadtxt(r.run_dir / "valid_predictions.csv", delimiter=",", skiprows=1, usecols=(3, 4))
              for r in (run, again)]
     assert np.array_equal(probs[0], probs[1])
+
+
+def test_the_top_level_api_stays_callable_after_submodule_imports():
+    """`pneumo.lr_find(...)` then `pneumo.train(...)`: the tutorial's order must keep working."""
+    import pneumo.lr_finder
+    import pneumo.training
+    assert pneumo.train is pneumo.training.train and pneumo.lr_find is pneumo.lr_finder.lr_find
+    assert callable(pneumo.evaluate_model) and callable(pneumo.load_model) and callable(pneumo.create_model)

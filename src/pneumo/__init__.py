@@ -18,13 +18,13 @@ __all__ = ["PneumoError", "__version__", "train", "evaluate_model", "lr_find", "
 def __getattr__(name: str):
     # Lazy imports keep `import pneumo` (and `pneumo --help`) fast: torch loads only when needed.
     if name == "train":
-        from pneumo.train import train
+        from pneumo.training import train
         return train
     if name == "evaluate_model":
         from pneumo.predict import evaluate_model_on_folder
         return evaluate_model_on_folder
     if name == "lr_find":
-        from pneumo.lr_find import lr_find
+        from pneumo.lr_finder import lr_find
         return lr_find
     if name == "create_model":
         from pneumo.models import create_model

@@ -49,7 +49,7 @@ def training_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from pneumo.lr_find import lr_find
+    from pneumo.lr_finder import lr_find
     result = lr_find(args.data, out=args.out, start_lr=args.start_lr, end_lr=args.end_lr, num_it=args.num_it,
                      method=args.suggest, progress=not args.json, **training_options(args))
     plot = Path(args.out or "runs/lr_find") / "lr_find.png"
@@ -63,7 +63,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pneumo.train import train
+    from pneumo.training import train
     if args.resume:
         if not args.out:
             raise PneumoError("--resume needs --out RUN_DIR (the folder of the run to continue)")

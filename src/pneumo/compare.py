@@ -123,7 +123,7 @@ def batch_size_for(n_train: int, largest: int = 64) -> int:
 def run_one(spec: RunSpec, subset_dir: Path, run_dir: Path, *, epochs: int, image_size: int,
             weights: str | None, device: str, batch_size: int) -> dict:
     """Train one arm on one subset; wall time split into setup, epochs and end-of-run evaluation."""
-    from pneumo.train import train
+    from pneumo.training import train
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a run killed midway restarts: its clock would be wrong
     pretrained = ARMS[spec.arm]
@@ -185,7 +185,7 @@ def run_compare(data: str | Path, archs: Sequence[str] = ("efficientnet_lite0",)
     Runs whose record is in ``OUT/runs/<name>.json`` are not trained again.
     """
     from pneumo.models import get_backbone
-    from pneumo.train import resolve_device
+    from pneumo.training import resolve_device
 
     archs, fractions = list(dict.fromkeys(archs)), sorted({float(f) for f in fractions})
     for arch in archs:

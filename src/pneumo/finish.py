@@ -33,7 +33,7 @@ def write_predictions_csv(path: Path, samples, classes: list[str], probs: np.nda
 
 def finish_run(cfg: TrainConfig, run_dir: Path, model: XrayNet, data, history: list[dict],
                device: torch.device, valid_logits: torch.Tensor | None, progress: bool):
-    from pneumo.train import RunResult
+    from pneumo.training import RunResult
 
     model.eval()
     classes = data.classes

@@ -111,7 +111,7 @@ def lr_find(data: str | Path, out: str | Path | None = None, start_lr: float = 1
             num_it: int = 100, method: str = "valley", progress: bool = True, **options: Any) -> LRFindResult:
     """Run the range test on the first training phase exactly as ``pneumo train`` would run it."""
     from pneumo.plots import plot_lr_find
-    from pneumo.train import autocast_dtype, build_phase, load_data, resolve_device, resolve_mode
+    from pneumo.training import autocast_dtype, build_phase, load_data, resolve_device, resolve_mode
     from pneumo.models import create_model
 
     cfg = TrainConfig.from_dict({**options, "data": str(data)}).validate()
