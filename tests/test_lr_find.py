@@ -84,3 +84,17 @@ def test_lr_find_on_the_sample_writes_its_plot(tmp_path):
     assert (tmp_path / "lr_find.png").stat().st_size > 10_000
     assert isinstance(result.suggestion, float) and 1e-6 < result.suggestion < 1
     assert math.isfinite(result.losses[0])
+
+
+def test_lr_find_into_the_same_folder_on_other_data_recomputes_features(tmp_path):
+    """Stale features in a reused --out folder must never be read for another data set."""
+    other = tmp_path / "other"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (other / cls).mkdir(parents=True)
+        for f in sorted((SAMPLE / "train" / cls).glob("*.jpeg"))[:30]:
+            (other / cls / f.name).symlink_to(f)
+    first = lr_find(SAMPLE, out=tmp_path / "lr", image_size=48, progress=False, num_it=20)
+    second = lr_find(other, out=tmp_path / "lr", image_size=48, progress=False, num_it=20)
+    saved = torch.load(tmp_path / "lr" / "checkpoints" / "features.pt", weights_only=True)
+    assert saved["train"].shape[1] < 60  # the second data set's 48 training images, not the sample's 160
+    assert first.lrs != [] and second.lrs != []

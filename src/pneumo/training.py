@@ -284,12 +284,15 @@ def cached_features(cfg: TrainConfig, model: XrayNet, data: TrainData, device: t
     shared cache (``lr-find`` then ``train``, or runs that differ only in the head, compute them once).
     """
     from pneumo.cache import default_cache_dir
+    key = features_key(cfg, data)
     path = run_dir / "checkpoints" / "features.pt"
-    shared = default_cache_dir() / f"features-{features_key(cfg, data)}.pt"
+    shared = default_cache_dir() / f"features-{key}.pt"
     use_shared = os.environ.get("PNEUMO_NO_CACHE") != "1"
     for candidate in (path, shared) if use_shared else (path,):
         if candidate.exists():
             saved = load_checkpoint(candidate)
+            if saved.get("key") != key:  # another data set or config wrote this folder before
+                continue
             model.body.load_state_dict(saved["body"])
             generator.set_state(saved["generator"])
             if candidate != path:
@@ -305,7 +308,7 @@ def cached_features(cfg: TrainConfig, model: XrayNet, data: TrainData, device: t
              for v in range(cfg.feature_views)]
     valid = extract_features(model, data.valid_pixels, device, progress=progress, desc="features, valid")
     feats = {"train": torch.stack(views), "valid": valid}
-    saved = dict(body=model.body.state_dict(), generator=generator.get_state(), **feats)
+    saved = dict(key=key, body=model.body.state_dict(), generator=generator.get_state(), **feats)
     save_checkpoint(path, **saved)
     if use_shared:
         try:
