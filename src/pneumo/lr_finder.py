@@ -111,7 +111,8 @@ def lr_find(data: str | Path, out: str | Path | None = None, start_lr: float = 1
             num_it: int = 100, method: str = "valley", progress: bool = True, **options: Any) -> LRFindResult:
     """Run the range test on the first training phase exactly as ``pneumo train`` would run it."""
     from pneumo.plots import plot_lr_find
-    from pneumo.training import autocast_dtype, build_phase, load_data, resolve_device, resolve_mode
+    from pneumo.training import (autocast_dtype, build_phase, first_phase_name, load_data, resolve_device,
+                                 resolve_mode)
     from pneumo.models import create_model
 
     cfg = TrainConfig.from_dict({**options, "data": str(data)}).validate()
@@ -125,8 +126,7 @@ def lr_find(data: str | Path, out: str | Path | None = None, start_lr: float = 1
     generator = torch.Generator().manual_seed(cfg.seed)
     train_y = torch.tensor([s.label for s in data_.train])
     valid_y = torch.tensor([s.label for s in data_.valid])
-    first_phase = "scratch" if cfg.pretrained == "none" and cfg.weights is None else "frozen"
-    phase = build_phase(first_phase, cfg, mode, model, data_, device, generator, train_y, valid_y, None,
+    phase = build_phase(first_phase_name(cfg), cfg, mode, model, data_, device, generator, train_y, valid_y, None,
                         autocast_dtype(cfg.precision, device), out, progress)
     result = find_lr(model, phase, start_lr, end_lr, num_it, method)
     plot_lr_find(result.lrs, result.losses, result.suggestion, out / "lr_find.png",

@@ -72,6 +72,11 @@ def resolve_mode(cfg: TrainConfig, device: torch.device) -> str:
     return cfg.mode if cfg.mode != "auto" else ("features" if device.type == "cpu" else "full")
 
 
+def first_phase_name(cfg: TrainConfig) -> str:
+    """"frozen" over pretrained weights; "scratch" (nothing frozen) when there are none."""
+    return "scratch" if cfg.pretrained == "none" and cfg.weights is None else "frozen"
+
+
 def new_run_dir(cfg: TrainConfig) -> Path:
     if cfg.out:
         return Path(cfg.out)
@@ -187,8 +192,7 @@ def train(data: str | Path | None = None, *, resume: bool = False, progress: boo
     if state:
         model.load_state_dict(state["model"])
 
-    from_scratch = cfg.pretrained == "none" and cfg.weights is None
-    phases = [("scratch" if from_scratch else "frozen", cfg.epochs), ("unfrozen", cfg.unfreeze_epochs)]
+    phases = [(first_phase_name(cfg), cfg.epochs), ("unfrozen", cfg.unfreeze_epochs)]
     amp = autocast_dtype(cfg.precision, device)
     header = f"{'epoch':>5}  {'phase':<8}  {'train_loss':>10}  {'valid_loss':>10}  {'error_rate':>10}  {'time':>6}"
     log(header)
