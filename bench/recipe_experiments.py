@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,12 @@ CANDIDATES: dict[str, dict] = {
     "lite2": {"arch": "efficientnet_lite2"},
     "lite2_balanced": {"arch": "efficientnet_lite2", "class_balance": "weights"},
     "finetune2": {"unfreeze_epochs": 2, "class_balance": "weights"},  # whole network, 2 more epochs
+    # the body's last stages train with the head on cached maps (1: the 1x1 head convolution,
+    # 2: and the last MBConv block)
+    "balanced_stages1": {"class_balance": "weights", "trainable_stages": 1},
+    "balanced_stages2": {"class_balance": "weights", "trainable_stages": 2},
+    "balanced_stages2_views2": {"class_balance": "weights", "trainable_stages": 2, "feature_views": 2},
+    "lite2_balanced_stages2": {"arch": "efficientnet_lite2", "class_balance": "weights", "trainable_stages": 2},
 }
 
 
@@ -61,7 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--out", default="bench/experiments")
-    parser.add_argument("--candidates", default=",".join(CANDIDATES))
+    parser.add_argument("--candidates", default=",".join(CANDIDATES),
+                        help="the candidates to (re)run; those in OUT/recipe.json already are kept")
     parser.add_argument("--workdir", default=None, help="run folders (default: a temp folder)")
     args = parser.parse_args()
     out, work = Path(args.out), Path(args.workdir or tempfile.mkdtemp(prefix="recipe-"))
@@ -73,20 +81,30 @@ def main() -> None:
     select_root = link_tree(work / "select", {"train": inner_train, "val": inner_valid}, data.classes)
     report_root = link_tree(work / "report", {"test": report}, data.classes)
 
-    records = {}
+    previous = out / "recipe.json"  # candidates measured before (same splits, same rule) are kept
+    records = json.loads(previous.read_text())["candidates"] if previous.exists() else {}
     for name in args.candidates.split(","):
         options = CANDIDATES[name]
         t0 = time.perf_counter()
-        run = train(select_root, out=str(work / "runs" / name), progress=False, **options)
+        run_dir = work / "runs" / name
+        done = run_dir / "record.json"  # a finished candidate in --workdir is not trained again
+        if done.exists() and json.loads(done.read_text())["options"] == options:
+            records[name] = json.loads(done.read_text())
+            print(json.dumps({name: "reused " + str(done)}), flush=True)
+            continue
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run = train(select_root, out=str(run_dir), progress=False, **options)
         records[name] = {"options": options, "wall_s": round(time.perf_counter() - t0, 1),
                          "valid_error_argmax": run.history[-1]["error_rate"],
                          "selection_valid": summary(run.evaluation), "model_dir": str(run.model_dir)}
         records[name]["rank_key"] = rank_key(run.evaluation)
+        done.write_text(json.dumps(records[name]))
         print(json.dumps({name: records[name]}), flush=True)
-    winner = max(records, key=lambda n: records[n]["rank_key"])
+    winner = max(records, key=lambda n: tuple(records[n]["rank_key"]))
     reported = {}
     for name in dict.fromkeys([winner, "base"]):
-        if name in records:
+        if name in records and Path(records[name]["model_dir"]).exists():
             ev = evaluate_model_on_folder(records[name]["model_dir"], report_root, progress=False)
             reported[name] = summary(ev)
     result = {"data": args.data, "n_select_train": len(inner_train), "n_select_valid": len(inner_valid),

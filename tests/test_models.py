@@ -99,3 +99,18 @@ def test_freezing_keeps_batchnorm_trainable():
     assert all(p.requires_grad for p in model.head.parameters())
     set_body_trainable(model, True)
     assert all(p.requires_grad for p in model.body.parameters())
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18"])
+def test_the_body_is_its_chain_of_stages_so_any_cut_gives_the_same_logits(arch):
+    """Caching the map before the last N stages and running them later must change nothing."""
+    torch.manual_seed(0)
+    model = create_model(arch, pretrained="none").eval()
+    x = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        reference = model(x)
+        for n in range(4):
+            cut = model.features_before(x, n)
+            assert cut.dim() == (2 if n == 0 else 4)
+            assert torch.allclose(model.forward_from(cut, n), reference, atol=1e-5)
+    assert len(model.tail(2)) == 2 and len(model.tail(0)) == 0

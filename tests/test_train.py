@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import pneumo
 from pneumo.errors import PneumoError, TrainingError
@@ -95,6 +96,26 @@ def test_full_mode_resumes_exactly_after_a_real_kill(tmp_path):
     assert [r["phase"] for r in b["history"]] == ["frozen", "frozen", "unfrozen"]
     assert strip_time(a["history"]) == strip_time(b["history"])
     assert a["valid"] == b["valid"]
+
+
+def test_trainable_stages_learn_on_cached_maps_and_resume_exactly(tmp_path):
+    """The last body stage trains on cached maps; a killed run resumes with its trained stage, and the
+    saved model (the whole network, no cache) gives the validation predictions the run reported."""
+    options = dict(epochs=2, trainable_stages=1, **FAST)
+    whole = train(SAMPLE, out=str(tmp_path / "whole"), **options)
+    start = pneumo.create_model("efficientnet_lite0").body.conv_head.weight
+    trained = load_model(whole.model_dir).net.body
+    assert not torch.allclose(trained.conv_head.weight, start)          # the 1x1 head convolution learnt
+    assert torch.equal(trained.blocks[0][0].conv_dw.weight,              # the frozen part did not
+                       pneumo.create_model("efficientnet_lite0").body.blocks[0][0].conv_dw.weight)
+    with pytest.raises(StopRequested):
+        train(SAMPLE, out=str(tmp_path / "killed"), stop_after_epoch=1, **options)
+    resumed = train(resume=True, out=str(tmp_path / "killed"), progress=False)
+    assert strip_time(resumed.history) == strip_time(whole.history)
+    rows = [line.split(",") for line in (whole.run_dir / "valid_predictions.csv").read_text().splitlines()[1:]]
+    from pneumo.predict import predict_files
+    fresh = predict_files(whole.model_dir, [r[0] for r in rows], progress=False)
+    assert [f["p_PNEUMONIA"] for f in fresh] == pytest.approx([float(r[4]) for r in rows], abs=1e-4)
 
 
 def test_a_second_run_into_the_same_folder_is_refused(run):

@@ -41,7 +41,7 @@ def cmd_show_batch(args: argparse.Namespace) -> int:
 def training_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ["arch", "pretrained", "weights", "image_size", "valid_pct", "split", "keep_val", "patient_rule",
              "batch_size", "seed", "device", "mode", "class_balance", "precision", "feature_views",
-             "bn_adapt_images", "weight_decay"]
+             "bn_adapt_images", "weight_decay", "trainable_stages"]
     options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "no_augment", False):
         options["augment"] = False
@@ -148,12 +148,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from pneumo.models import BACKBONES
-    rows = [{"name": b.name, "weights": b.weights, "note": b.note} for b in BACKBONES.values()]
+    rows = [{"name": b.name, "weights": b.weights, "note": b.note, "trainable_stages": b.last_stages}
+            for b in BACKBONES.values()]
     if args.json:
         emit_json(rows)
     else:
         for r in rows:
-            print(f"{r['name']:<20} {r['weights']:<6} {r['note']}")
+            print(f"{r['name']:<20} {r['weights']:<6} {r['note']}\n{'':<28} --trainable-stages {r['trainable_stages']}")
     return 0
 
 
@@ -186,6 +187,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="'weights': loss weights inverse to class frequency (train is 3:1 pneumonia)")
     g.add_argument("--feature-views", type=int, default=None,
                    help="features mode: augmented copies of each training image to cache (default 1)")
+    g.add_argument("--trainable-stages", type=int, default=None,
+                   help="the body's last N stages train with the head (default 0; see `pneumo models`)")
     g.add_argument("--bn-adapt-images", type=int, default=None,
                    help="features mode: images that re-estimate BatchNorm statistics (0: keep ImageNet's)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.01)")

@@ -33,6 +33,8 @@ class TrainConfig:
                                      # "auto": features on a CPU, full on a GPU
     bn_adapt_images: int = 1024      # training images whose statistics re-estimate BatchNorm (features)
     feature_views: int = 1           # augmented copies of each training image to cache (features mode)
+    trainable_stages: int = 0        # the body's last N stages train with the head (cached maps in
+                                     # features mode; 1 = EfficientNet's 1x1 head convolution)
     augment: bool = True             # random rotation, zoom, shift, lighting, horizontal flip
     class_balance: str = "none"      # "none" or "weights": loss weights inverse to class frequency
     # --- decisions --------------------------------------------------------------------------------
@@ -64,6 +66,8 @@ class TrainConfig:
             raise PneumoError(f"class_balance must be none or weights, not {self.class_balance!r}")
         if self.epochs < 0 or self.unfreeze_epochs < 0 or self.epochs + self.unfreeze_epochs == 0:
             raise PneumoError("train for at least one epoch (--epochs or --unfreeze-epochs)")
+        if self.trainable_stages < 0:
+            raise PneumoError(f"--trainable-stages must be 0 or more, not {self.trainable_stages}")
         if not self.lr > 0:
             raise PneumoError(f"--lr must be positive, got {self.lr}")
         return self

@@ -3,7 +3,9 @@
 With the body frozen, fastai still runs it forward and backward on every step so that BatchNorm can
 follow the X-ray statistics. Here BatchNorm's running statistics are re-estimated in one pass over
 training images, the body is then fixed, and the head trains on pooled features computed once per
-image: the expensive network runs about twice per image instead of twice per image per epoch.
+image: the expensive network runs about twice per image instead of twice per image per epoch. With
+``trainable_stages`` the last stages of the body (a small share of its cost) train too, on cached
+feature maps from the stage before them.
 """
 from __future__ import annotations
 
@@ -45,9 +47,11 @@ def adapt_batchnorm(model: XrayNet, pixels: np.ndarray, device: torch.device, ba
 @torch.inference_mode()
 def extract_features(model: XrayNet, pixels: np.ndarray, device: torch.device, batch_size: int = 16,
                      generator: torch.Generator | None = None, progress: bool = True,
-                     desc: str = "computing features") -> torch.Tensor:
-    """Pooled body features ``(N, F)`` on the CPU; augmented when a ``generator`` is given.
+                     desc: str = "computing features", trainable_stages: int = 0) -> torch.Tensor:
+    """What the frozen part of the body gives, on the CPU; augmented when a ``generator`` is given.
 
+    Pooled features ``(N, F)`` (float32) when only the head trains; with ``trainable_stages`` the
+    feature maps entering those stages ``(N, C, H, W)`` in float16, half the memory of float32.
     Small batches are faster than large ones on a CPU (activations stay in cache).
     """
     model.eval()
@@ -57,5 +61,6 @@ def extract_features(model: XrayNet, pixels: np.ndarray, device: torch.device, b
         x = torch.from_numpy(np.ascontiguousarray(pixels[i:i + batch_size])).unsqueeze(1).to(device)
         if generator is not None:
             x = augment_batch(x, generator)
-        out.append(model.features(x.contiguous(memory_format=torch.channels_last)).float().cpu())
+        f = model.features_before(x.contiguous(memory_format=torch.channels_last), trainable_stages)
+        out.append(f.to(torch.float16 if trainable_stages else torch.float32).cpu())
     return torch.cat(out)

@@ -111,8 +111,8 @@ def lr_find(data: str | Path, out: str | Path | None = None, start_lr: float = 1
             num_it: int = 100, method: str = "valley", progress: bool = True, **options: Any) -> LRFindResult:
     """Run the range test on the first training phase exactly as ``pneumo train`` would run it."""
     from pneumo.plots import plot_lr_find
-    from pneumo.training import (autocast_dtype, build_phase, first_phase_name, load_data, resolve_device,
-                                 resolve_mode)
+    from pneumo.training import (autocast_dtype, build_phase, first_phase_name, load_data, loss_weights,
+                                 resolve_device, resolve_mode)
     from pneumo.models import create_model
 
     cfg = TrainConfig.from_dict({**options, "data": str(data)}).validate()
@@ -126,8 +126,9 @@ def lr_find(data: str | Path, out: str | Path | None = None, start_lr: float = 1
     generator = torch.Generator().manual_seed(cfg.seed)
     train_y = torch.tensor([s.label for s in data_.train])
     valid_y = torch.tensor([s.label for s in data_.valid])
-    phase = build_phase(first_phase_name(cfg), cfg, mode, model, data_, device, generator, train_y, valid_y, None,
-                        autocast_dtype(cfg.precision, device), out, progress)
+    phase = build_phase(first_phase_name(cfg), cfg, mode, model, data_, device, generator, train_y, valid_y,
+                        loss_weights(cfg, train_y, len(data_.classes), device), autocast_dtype(cfg.precision, device),
+                        out, progress)
     result = find_lr(model, phase, start_lr, end_lr, num_it, method)
     plot_lr_find(result.lrs, result.losses, result.suggestion, out / "lr_find.png",
                  extra_suggestions={k: v for k, v in result.suggestions.items() if k != method})

