@@ -22,23 +22,39 @@ from pneumo.training import train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_224" / "train"
 
+# Every candidate states the options that define it, so a record keeps its meaning when pneumo's
+# defaults change (they did: "balanced_stages2_views2" won and became the default).
+TUTORIAL = {"class_balance": "none", "trainable_stages": 0, "feature_views": 1}  # body frozen, plain loss
+BALANCED = {**TUTORIAL, "class_balance": "weights"}                              # loss weights vs 3:1
+
 CANDIDATES: dict[str, dict] = {
-    "base": {},                                            # the tutorial's recipe, pneumo defaults
-    "no_bn_adapt": {"bn_adapt_images": 0},                 # keep ImageNet BatchNorm statistics
-    "balanced": {"class_balance": "weights"},              # loss weights against the 3:1 imbalance
-    "views4": {"feature_views": 4},                        # 3 augmented copies of every train image
-    "balanced_views4": {"class_balance": "weights", "feature_views": 4},
-    "lite1": {"arch": "efficientnet_lite1"},
-    "lite2": {"arch": "efficientnet_lite2"},
-    "lite2_balanced": {"arch": "efficientnet_lite2", "class_balance": "weights"},
-    "finetune2": {"unfreeze_epochs": 2, "class_balance": "weights"},  # whole network, 2 more epochs
+    "base": TUTORIAL,
+    "no_bn_adapt": {**TUTORIAL, "bn_adapt_images": 0},     # keep ImageNet BatchNorm statistics
+    "balanced": BALANCED,
+    "views4": {**TUTORIAL, "feature_views": 4},            # 3 augmented copies of every train image
+    "balanced_views4": {**BALANCED, "feature_views": 4},
+    "lite1": {**TUTORIAL, "arch": "efficientnet_lite1"},
+    "lite2": {**TUTORIAL, "arch": "efficientnet_lite2"},
+    "lite2_balanced": {**BALANCED, "arch": "efficientnet_lite2"},
+    "finetune2": {**BALANCED, "unfreeze_epochs": 2},       # whole network, 2 more epochs (GPU-sized)
     # the body's last stages train with the head on cached maps (1: the 1x1 head convolution,
-    # 2: and the last MBConv block)
-    "balanced_stages1": {"class_balance": "weights", "trainable_stages": 1},
-    "balanced_stages2": {"class_balance": "weights", "trainable_stages": 2},
-    "balanced_stages2_views2": {"class_balance": "weights", "trainable_stages": 2, "feature_views": 2},
-    "lite2_balanced_stages2": {"arch": "efficientnet_lite2", "class_balance": "weights", "trainable_stages": 2},
+    # 2: and the last MBConv stage)
+    "balanced_stages1": {**BALANCED, "trainable_stages": 1},
+    "balanced_stages2": {**BALANCED, "trainable_stages": 2},
+    "balanced_stages2_views2": {**BALANCED, "trainable_stages": 2, "feature_views": 2},
+    "lite2_balanced_stages2": {**BALANCED, "arch": "efficientnet_lite2", "trainable_stages": 2},
 }
+
+
+HEADER = """# Recipe experiments (issue 5)
+
+Written by `bench/recipe_experiments.py`. Selection part: patient-level 80% of
+`chest_xray_224/train` (seed 7), itself split by patient into train / inner validation (seed 11);
+report part: the other 20% of patients, touched once at the end, by the winner and the tutorial's
+recipe only. Rule, fixed before running: max balanced accuracy re-weighted to the official test
+split's 390:234, then AUC. Wall seconds on the 2-core CPU ("base" ran on a loaded machine).
+
+"""
 
 
 def link_tree(root: Path, parts: dict[str, list], classes: list[str]) -> Path:
@@ -64,6 +80,25 @@ def summary(evaluation: dict) -> dict:
             "reweighted_accuracy": r.get("accuracy"), "ci": evaluation.get("ci")}
 
 
+def write_markdown(result: dict, path: Path) -> None:
+    """recipe.md: the candidates on the selection split, then the report split, from recipe.json."""
+    lines = ["| candidate | options | wall s | err (argmax) | AUC | sens | spec | reweighted acc |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in result["candidates"].items():
+        v = r["selection_valid"]
+        lines.append(f"| {name}{' (winner)' if name == result['winner'] else ''} | `{json.dumps(r['options'])}` | "
+                     f"{r['wall_s']} | {r['valid_error_argmax']:.4f} | {v['roc_auc']:.4f} | {v['sensitivity']:.4f} | "
+                     f"{v['specificity']:.4f} | {v['reweighted_accuracy']:.4f} |")
+    lines += ["", f"Report split ({result['n_report']} images of untouched patients), each model at its stored threshold, "
+              "95% patient-bootstrap intervals:", "",
+              "| model | threshold | accuracy | sensitivity | specificity | AUC |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in result["report_split"].items():
+        cells = [f"{r[k]:.4f} ({r['ci'][k][0]:.3f}-{r['ci'][k][1]:.3f})"
+                 for k in ("accuracy", "sensitivity", "specificity", "roc_auc")]
+        lines.append(f"| {name} | {r['threshold']:.3f} | " + " | ".join(cells) + " |")
+    path.write_text(HEADER + "\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA))
@@ -71,7 +106,11 @@ def main() -> None:
     parser.add_argument("--candidates", default=",".join(CANDIDATES),
                         help="the candidates to (re)run; those in OUT/recipe.json already are kept")
     parser.add_argument("--workdir", default=None, help="run folders (default: a temp folder)")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite OUT/recipe.md from OUT/recipe.json")
     args = parser.parse_args()
+    if args.markdown_only:
+        write_markdown(json.loads((Path(args.out) / "recipe.json").read_text()), Path(args.out) / "recipe.md")
+        return
     out, work = Path(args.out), Path(args.workdir or tempfile.mkdtemp(prefix="recipe-"))
     out.mkdir(parents=True, exist_ok=True)
     data = discover(args.data)
@@ -111,14 +150,7 @@ def main() -> None:
               "n_report": len(report), "rule": "max balanced accuracy re-weighted to 390:234, then AUC",
               "candidates": records, "winner": winner, "report_split": reported}
     (out / "recipe.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| candidate | options | wall s | err (argmax) | AUC | sens | spec | reweighted acc |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, r in records.items():
-        v = r["selection_valid"]
-        lines.append(f"| {name}{' (winner)' if name == winner else ''} | `{json.dumps(r['options'])}` | "
-                     f"{r['wall_s']} | {r['valid_error_argmax']:.4f} | {v['roc_auc']:.4f} | {v['sensitivity']:.4f} | "
-                     f"{v['specificity']:.4f} | {v['reweighted_accuracy']:.4f} |")
-    (out / "recipe.md").write_text("\n".join(lines) + "\n")
+    write_markdown(result, out / "recipe.md")
     print(json.dumps(result, indent=2))
 
 

@@ -184,11 +184,13 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=["auto", "features", "full"], default=None,
                    help="frozen phase on cached features (CPU default) or the full network (GPU default)")
     g.add_argument("--class-balance", choices=["none", "weights"], default=None,
-                   help="'weights': loss weights inverse to class frequency (train is 3:1 pneumonia)")
+                   help="'weights' (default): loss weights inverse to class frequency (train is 3:1 pneumonia); "
+                        "'none': plain cross-entropy, as the tutorial")
     g.add_argument("--feature-views", type=int, default=None,
-                   help="features mode: augmented copies of each training image to cache (default 1)")
+                   help="features mode: copies of each training image to cache, the first as it is (default 2)")
     g.add_argument("--trainable-stages", type=int, default=None,
-                   help="the body's last N stages train with the head (default 0; see `pneumo models`)")
+                   help="the body's last N stages train with the head (default 2; 0: the tutorial's frozen "
+                        "body; see `pneumo models`)")
     g.add_argument("--bn-adapt-images", type=int, default=None,
                    help="features mode: images that re-estimate BatchNorm statistics (0: keep ImageNet's)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.01)")

@@ -20,8 +20,9 @@ class TrainConfig:
     arch: str = "efficientnet_lite0"  # see `pneumo models`
     pretrained: str = "imagenet"     # "imagenet" or "none" (train from scratch)
     weights: str | None = None       # a local ImageNet checkpoint file (needed for ResNets offline)
-    # --- recipe: the tutorial's fit_one_cycle(8, 3e-3) with the body frozen ---------------------------
-    epochs: int = 8                  # head phase: body frozen, BatchNorm still adapting
+    # --- recipe: the tutorial's fit_one_cycle(8, 3e-3) with the body frozen but for its last two
+    # stages, class-balanced loss, two cached views per image: the winner of bench/experiments/recipe.md
+    epochs: int = 8                  # first phase: body frozen (BatchNorm adapted), its last stages and the head learn
     lr: float = 3e-3                 # one-cycle peak learning rate
     batch_size: int = 64
     weight_decay: float = 0.01       # decoupled (AdamW), as fastai
@@ -32,11 +33,12 @@ class TrainConfig:
                                      # them (fast on a CPU); "full": augment and run the body every step;
                                      # "auto": features on a CPU, full on a GPU
     bn_adapt_images: int = 1024      # training images whose statistics re-estimate BatchNorm (features)
-    feature_views: int = 1           # augmented copies of each training image to cache (features mode)
-    trainable_stages: int = 0        # the body's last N stages train with the head (cached maps in
-                                     # features mode; 1 = EfficientNet's 1x1 head convolution)
+    feature_views: int = 2           # copies of each training image to cache (features mode): the
+                                     # first as it is, the others augmented
+    trainable_stages: int = 2        # the body's last N stages train with the head, at a tenth of its
+                                     # LR (cached maps in features mode); 0 = the tutorial's frozen body
     augment: bool = True             # random rotation, zoom, shift, lighting, horizontal flip
-    class_balance: str = "none"      # "none" or "weights": loss weights inverse to class frequency
+    class_balance: str = "weights"   # "weights": loss weights inverse to class frequency, or "none"
     # --- decisions --------------------------------------------------------------------------------
     threshold: str = "youden"        # how validation chooses the stored decision threshold:
                                      # youden | sensitivity:0.95 | fixed:0.5

@@ -93,8 +93,9 @@ def find_lr(model: torch.nn.Module, phase: Any, start_lr: float = 1e-7, end_lr: 
     def step(lr: float) -> float:
         if not batches:
             batches.extend(phase.batches())
+        top = phase.opt.param_groups[-1]["max_lr"]  # the head's; other groups keep their ratio to it
         for group in phase.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["max_lr"] / top
         loss = phase.step(batches.pop())
         phase.opt.zero_grad(set_to_none=True)
         loss.backward()
