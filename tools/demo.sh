@@ -17,7 +17,7 @@ pneumo show-batch "$SAMPLE" --out "$OUT/batch.png"
 step "3. find a learning rate (LR range test)"
 pneumo lr-find "$SAMPLE" --out "$OUT/lr_find"
 
-step "4. train: body frozen, one-cycle, 8 epochs, patient-level validation split"
+step "4. train: body frozen but its last two stages, one-cycle, 8 epochs, patient-level validation split"
 pneumo train "$SAMPLE" --out "$OUT/run"
 
 step "5. evaluate on the sample's held-out test patients"

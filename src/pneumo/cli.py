@@ -105,6 +105,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if rows and all(r.get("error") for r in rows) else 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from pneumo.ensemble import make_ensemble
+    report = make_ensemble(args.runs, args.out, threshold=args.threshold)
+    if args.json:
+        emit_json(report)
+    else:
+        m = report["metrics"]
+        print(f"ensemble model: {Path(args.out) / 'model'}")
+        if "sensitivity" in m:
+            print(f"validation at threshold {report['threshold']:.3f}: accuracy {m['accuracy']:.4f}, "
+                  f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, AUC {m['roc_auc']:.4f}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pneumo.report import write_report
     print(f"report written to {write_report(Path(args.run), Path(args.out) if args.out else None)}")
@@ -239,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_training_arguments(p)
 
-    p = command("train", cmd_train, "train with the one-cycle policy, body frozen (then optionally fine-tuned)")
+    p = command("train", cmd_train, "train with the one-cycle policy, body frozen but for its last stages "
+                "(then optionally fine-tuned)")
     p.add_argument("data", nargs="?", default=None)
     p.add_argument("--epochs", type=int, default=8, help="frozen-body epochs (default 8)")
     p.add_argument("--lr", type=float, default=3e-3, help="one-cycle peak LR (default 3e-3)")
@@ -268,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
     p.add_argument("--tta", action="store_true")
+
+    p = command("ensemble", cmd_ensemble, "several runs validated on the same images as one model "
+                "(mean probability, threshold chosen on their validation predictions)")
+    p.add_argument("runs", nargs="+", help="finished run folders (same data, split and seed)")
+    p.add_argument("--out", required=True, help="folder for the ensemble (its model folder is OUT/model)")
+    p.add_argument("--threshold", default="youden", help="youden | sensitivity:0.95 | fixed:0.5")
+    p.add_argument("--json", action="store_true")
 
     p = command("report", cmd_report, "one offline HTML page summarising a training run")
     p.add_argument("run")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from pneumo.errors import ModelError, PneumoError
 from pneumo.imaging import open_image, prepare, to_grey_uint8
-from pneumo.model_io import LoadedModel, load_model
+from pneumo.model_io import EnsembleModel, LoadedModel, load_model
 from pneumo.models import XrayNet
 from pneumo.plots import VERMILLION, plot_confusion_matrix, plot_heatmap_overlay, plot_image_grid
 
@@ -63,6 +63,9 @@ def gradcam_heatmap(model: LoadedModel, pixels: np.ndarray, target_index: int) -
         raise PneumoError(f"Grad-CAM needs one uint8 (H, W) image, got {grey.dtype} {grey.shape}")
     if not 0 <= target_index < len(model.classes):
         raise PneumoError(f"class index {target_index} out of range for classes {model.classes}")
+    if isinstance(model, EnsembleModel):  # the members' maps, averaged and rescaled to [0, 1]
+        cam = np.mean([gradcam_heatmap(m, grey, target_index) for m in model.members], axis=0)
+        return (cam / cam.max() if cam.max() > 1e-12 else cam).astype(np.float32)
     net = model.net
     _ensure_hook(net)
     x = torch.from_numpy(grey).to(model.device).float().div(255).view(1, 1, *grey.shape)
@@ -126,7 +129,8 @@ def explain_image(model_dir: str | Path, image_path: str | Path, out: str | Path
             "probabilities": {c: float(p) for c, p in zip(model.classes, probs)},
             "threshold": float(model.meta.threshold) if model.positive is not None else None,
             "target_class": model.classes[target], "out": str(out),
-            "method": f"grad-cam on {type(model.net.cam_layer()).__name__} of {model.meta.arch}"}
+            "method": f"grad-cam on {type(model.net.cam_layer()).__name__} of {model.meta.arch}"
+                      + (f", averaged over {len(model.members)} members" if isinstance(model, EnsembleModel) else "")}
 
 
 # --------------------------------------------------------------------------------------------

@@ -112,9 +112,8 @@ def lr_find(data: str | Path, out: str | Path | None = None, start_lr: float = 1
             num_it: int = 100, method: str = "valley", progress: bool = True, **options: Any) -> LRFindResult:
     """Run the range test on the first training phase exactly as ``pneumo train`` would run it."""
     from pneumo.plots import plot_lr_find
-    from pneumo.training import (autocast_dtype, build_phase, first_phase_name, load_data, loss_weights,
-                                 resolve_device, resolve_mode)
-    from pneumo.models import create_model
+    from pneumo.training import (autocast_dtype, build_model, build_phase, first_phase_name, load_data,
+                                 loss_weights, resolve_device, resolve_mode)
 
     cfg = TrainConfig.from_dict({**options, "data": str(data)}).validate()
     out = Path(out or "runs/lr_find")
@@ -123,7 +122,7 @@ def lr_find(data: str | Path, out: str | Path | None = None, start_lr: float = 1
     device = resolve_device(cfg.device)
     mode = resolve_mode(cfg, device)
     data_ = load_data(cfg, progress)
-    model = create_model(cfg.arch, len(data_.classes), cfg.pretrained, cfg.weights).to(device)
+    model = build_model(cfg, len(data_.classes), device)
     generator = torch.Generator().manual_seed(cfg.seed)
     train_y = torch.tensor([s.label for s in data_.train])
     valid_y = torch.tensor([s.label for s in data_.valid])

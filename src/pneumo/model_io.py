@@ -34,6 +34,7 @@ class ModelMeta:
     normalisation: dict = field(default_factory=dict)  # informational: the model applies it itself
     pneumo_version: str = __version__
     trained_with: dict = field(default_factory=dict)   # the training config
+    members: list[str] = field(default_factory=list)  # an ensemble's member model folders (relative)
 
 
 def save_model(model: XrayNet, meta: ModelMeta, folder: str | Path) -> Path:
@@ -89,20 +90,48 @@ class LoadedModel:
         return probs, decoded.ok, decoded.errors
 
 
+def read_meta(meta_file: Path) -> ModelMeta:
+    try:
+        return ModelMeta(**json.loads(meta_file.read_text()))
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{meta_file}: not a pneumo model description ({exc})") from None
+
+
+class EnsembleModel(LoadedModel):
+    """Several models as one (``pneumo ensemble``): the mean of their calibrated probabilities.
+
+    ``logits`` returns the log of that mean, so with temperature 1 everything built on
+    ``LoadedModel`` (probabilities, decisions, predict, evaluate, serve) works unchanged.
+    """
+
+    def __init__(self, members: list[LoadedModel], meta: ModelMeta, device: torch.device):
+        super().__init__(members[0].net, meta, device)
+        self.members = members
+
+    def logits(self, pixels: np.ndarray | torch.Tensor, batch_size: int = 32, tta: bool = False) -> np.ndarray:
+        mean = np.mean([m.probabilities(pixels, batch_size, tta) for m in self.members], axis=0)
+        return np.log(np.clip(mean, 1e-12, None)).astype(np.float32)
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a model folder written by ``save_model`` (or a run folder holding ``model/``)."""
     folder = Path(folder)
     if (folder / "model").is_dir() and not (folder / "model.json").exists():
         folder = folder / "model"
     meta_file, weights_file = folder / "model.json", folder / "model.safetensors"
+    if meta_file.is_file() and not weights_file.exists():  # an ensemble: members, no weights of its own
+        meta = read_meta(meta_file)
+        if meta.members:
+            inside = [(folder / m).resolve() for m in meta.members]
+            if not all(m.is_relative_to(folder.resolve()) for m in inside):
+                raise ModelError(f"{meta_file}: ensemble members must lie inside {folder}")
+            members = [load_model(m, device) for m in inside]
+            return EnsembleModel(members, meta, torch.device(device))
     for f in (meta_file, weights_file):
         if not f.is_file():
             raise ModelError(f"{f}: missing; a model folder holds model.json and model.safetensors "
                              f"(written by `pneumo train` under RUN/model)")
-    try:
-        meta = ModelMeta(**json.loads(meta_file.read_text()))
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{meta_file}: not a pneumo model description ({exc})") from None
+    meta = read_meta(meta_file)
     net = XrayNet(get_backbone(meta.arch), len(meta.classes), meta.hidden, meta.dropout)
     try:
         net.load_state_dict(load_file(str(weights_file)))

@@ -86,6 +86,13 @@ def loss_weights(cfg: TrainConfig, train_y: torch.Tensor, n_classes: int, device
     return (counts.sum() / (n_classes * counts)).to(device)
 
 
+def build_model(cfg: TrainConfig, num_classes: int, device: torch.device, pretrained: bool = True) -> XrayNet:
+    """The network as training runs it (train and lr-find alike): on the device, channels-last if
+    asked (on a CPU, features computed by a channels-first network are about half as fast)."""
+    model = create_model(cfg.arch, num_classes, cfg.pretrained if pretrained else "none", cfg.weights).to(device)
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+
 def new_run_dir(cfg: TrainConfig) -> Path:
     if cfg.out:
         return Path(cfg.out)
@@ -183,10 +190,7 @@ def train(data: str | Path | None = None, *, resume: bool = False, progress: boo
         "method": cfg.split, "classes": data_.classes, "notes": data_.notes,
         "train": [str(s.path) for s in data_.train], "valid": [str(s.path) for s in data_.valid]})
 
-    model = create_model(cfg.arch, len(data_.classes), "none" if state else cfg.pretrained, cfg.weights)
-    model = model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(cfg, len(data_.classes), device, pretrained=state is None)
     generator = torch.Generator().manual_seed(cfg.seed)
     train_y = torch.tensor([s.label for s in data_.train])
     valid_y = torch.tensor([s.label for s in data_.valid])
