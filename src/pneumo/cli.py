@@ -82,12 +82,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(summary)
     else:
-        m = result.evaluation.get("metrics", {})
         print(f"run folder: {result.run_dir}\nmodel: {result.model_dir}")
-        if "sensitivity" in m:
-            print(f"validation at threshold {result.evaluation['threshold']:.3f}: accuracy {m['accuracy']:.4f}, "
-                  f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, AUC {m['roc_auc']:.4f}")
+        print_validation(result.evaluation)
     return 0
+
+
+def print_validation(evaluation: dict) -> None:
+    m = evaluation.get("metrics", {})
+    if "sensitivity" in m:
+        print(f"validation at threshold {evaluation['threshold']:.3f}: accuracy {m['accuracy']:.4f}, "
+              f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, AUC {m['roc_auc']:.4f}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -111,11 +115,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(report)
     else:
-        m = report["metrics"]
         print(f"ensemble model: {Path(args.out) / 'model'}")
-        if "sensitivity" in m:
-            print(f"validation at threshold {report['threshold']:.3f}: accuracy {m['accuracy']:.4f}, "
-                  f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, AUC {m['roc_auc']:.4f}")
+        print_validation(report)
     return 0
 
 

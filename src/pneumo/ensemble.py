@@ -17,9 +17,8 @@ import numpy as np
 
 from pneumo.data import Sample, subtype_of
 from pneumo.errors import PneumoError
-from pneumo.evaluate import (binary_metrics, choose_threshold, evaluate_predictions, positive_index,
-                             prevalence_weights, write_evaluation_figures)
-from pneumo.finish import TEST_SPLIT_POSITIVE_FRACTION, write_predictions_csv
+from pneumo.evaluate import choose_threshold, evaluate_predictions, positive_index, write_evaluation_figures
+from pneumo.finish import add_test_balance, write_predictions_csv
 from pneumo.io_utils import atomic_write_json
 from pneumo.model_io import ModelMeta, load_model
 
@@ -65,8 +64,7 @@ def make_ensemble(run_dirs: Sequence[str | Path], out: str | Path, threshold: st
                                   subtypes=[subtype_of(Path(r["path"]).name) for r in first_rows],
                                   groups=np.array([r["patient"] for r in first_rows]))
     if binary:
-        weights = prevalence_weights(labels, pos, TEST_SPLIT_POSITIVE_FRACTION)
-        report["reweighted_to_test_balance"] = binary_metrics(mean[:, pos], labels, chosen, pos, weights)
+        add_test_balance(report, mean[:, pos], labels, pos, chosen)
     report["members"] = [str(r) for r in runs]
 
     model_dir = out / "model"

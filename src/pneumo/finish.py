@@ -31,6 +31,12 @@ def write_predictions_csv(path: Path, samples, classes: list[str], probs: np.nda
     atomic_write_text(path, out.getvalue())
 
 
+def add_test_balance(report: dict, p_pos: np.ndarray, labels: np.ndarray, pos: int, threshold: float) -> None:
+    """Validation metrics re-weighted to the official test split's balance, which is not train's."""
+    weights = prevalence_weights(labels, pos, TEST_SPLIT_POSITIVE_FRACTION)
+    report["reweighted_to_test_balance"] = binary_metrics(p_pos, labels, threshold, pos, weights)
+
+
 def finish_run(cfg: TrainConfig, run_dir: Path, model: XrayNet, data, history: list[dict],
                device: torch.device, valid_logits: torch.Tensor | None, progress: bool):
     from pneumo.training import RunResult
@@ -55,8 +61,7 @@ def finish_run(cfg: TrainConfig, run_dir: Path, model: XrayNet, data, history: l
                                   subtypes=[subtype_of(s.path.name) for s in data.valid],
                                   groups=np.array([s.patient for s in data.valid]), temperature=temperature)
     if binary:
-        weights = prevalence_weights(labels, pos, TEST_SPLIT_POSITIVE_FRACTION)
-        report["reweighted_to_test_balance"] = binary_metrics(probs[:, pos], labels, meta.threshold, pos, weights)
+        add_test_balance(report, probs[:, pos], labels, pos, meta.threshold)
     report["split"] = cfg.split
     report["n_train"], report["n_valid"] = len(data.train), len(data.valid)
     atomic_write_json(run_dir / "valid_eval.json", report)
