@@ -3,7 +3,7 @@
 The 224 px training split is cut by patient into a *selection* part and a *report* part (20%,
 seed 7). Every candidate recipe trains on the selection part with an inner patient-level validation
 split (seed 11) and is ranked there; only the winner (and the default, for reference) is then
-evaluated once on the untouched report patients. Prints JSON and writes OUT/recipe.json + recipe.md.
+evaluated once on the untouched report patients, with the best single model when an ensemble wins. Prints JSON and writes OUT/recipe.json + recipe.md.
     python bench/recipe_experiments.py --out bench/experiments [--candidates base,balanced,...]
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pneumo.data import discover, split_by_patient
 from pneumo.ensemble import make_ensemble
+from pneumo.finish import TEST_SPLIT_POSITIVE_FRACTION
 from pneumo.predict import evaluate_model_on_folder
 from pneumo.training import train
 
@@ -44,6 +45,11 @@ CANDIDATES: dict[str, dict] = {
     "balanced_stages2": {**BALANCED, "trainable_stages": 2},
     "balanced_stages2_views2": {**BALANCED, "trainable_stages": 2, "feature_views": 2},
     "lite2_balanced_stages2": {**BALANCED, "arch": "efficientnet_lite2", "trainable_stages": 2},
+    # speed (issue 4): the BatchNorm pass in batches of 8 (32 above) runs 1.7x faster on this CPU;
+    # kept only if accuracy holds
+    "stages2_views2_bnbs8": {**BALANCED, "trainable_stages": 2, "feature_views": 2, "bn_adapt_batch_size": 8},
+    "stages2_views2_bnbs8_512": {**BALANCED, "trainable_stages": 2, "feature_views": 2, "bn_adapt_batch_size": 8,
+                                 "bn_adapt_images": 512},
 }
 
 
@@ -82,8 +88,11 @@ def rank_key(evaluation: dict) -> tuple:
 def summary(evaluation: dict) -> dict:
     m, r = evaluation["metrics"], evaluation.get("reweighted_to_test_balance") or {}
     keys = ("accuracy", "sensitivity", "specificity", "roc_auc")
+    # accuracy at the test split's balance follows from sensitivity and specificity alone
+    reweighted = r.get("accuracy") or (TEST_SPLIT_POSITIVE_FRACTION * m["sensitivity"]
+                                       + (1 - TEST_SPLIT_POSITIVE_FRACTION) * m["specificity"])
     return {"threshold": evaluation.get("threshold"), **{k: m.get(k) for k in keys},
-            "reweighted_accuracy": r.get("accuracy"), "ci": evaluation.get("ci")}
+            "reweighted_accuracy": reweighted, "ci": evaluation.get("ci")}
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -97,11 +106,12 @@ def write_markdown(result: dict, path: Path) -> None:
                      f"{v['specificity']:.4f} | {v['reweighted_accuracy']:.4f} |")
     lines += ["", f"Report split ({result['n_report']} images of untouched patients), each model at its stored threshold, "
               "95% patient-bootstrap intervals:", "",
-              "| model | threshold | accuracy | sensitivity | specificity | AUC |", "| --- | --- | --- | --- | --- | --- |"]
+              "| model | threshold | accuracy | sensitivity | specificity | AUC | acc re-weighted 390:234 |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in result["report_split"].items():
         cells = [f"{r[k]:.4f} ({r['ci'][k][0]:.3f}-{r['ci'][k][1]:.3f})"
                  for k in ("accuracy", "sensitivity", "specificity", "roc_auc")]
-        lines.append(f"| {name} | {r['threshold']:.3f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {r['threshold']:.3f} | " + " | ".join(cells) + f" | {r['reweighted_accuracy']:.4f} |")
     path.write_text(HEADER + "\n".join(lines) + "\n")
 
 
@@ -157,8 +167,10 @@ def main() -> None:
                          "model_dir": str(work / "ensembles" / name / "model"), "rank_key": rank_key(ev)}
         print(json.dumps({name: records[name]}), flush=True)
     winner = max(records, key=lambda n: tuple(records[n]["rank_key"]))
+    # the winner, the best single model (what `pneumo train` does by default) and the tutorial's recipe
+    single = max((n for n in records if n in CANDIDATES), key=lambda n: tuple(records[n]["rank_key"]))
     reported = {}
-    for name in dict.fromkeys([winner, "base"]):
+    for name in dict.fromkeys([winner, single, "base"]):
         if name in records and Path(records[name]["model_dir"]).exists():
             ev = evaluate_model_on_folder(records[name]["model_dir"], report_root, progress=False)
             reported[name] = summary(ev)

@@ -114,3 +114,26 @@ def test_the_body_is_its_chain_of_stages_so_any_cut_gives_the_same_logits(arch):
             assert cut.dim() == (2 if n == 0 else 4)
             assert torch.allclose(model.forward_from(cut, n), reference, atol=1e-5)
     assert len(model.tail(2)) == 2 and len(model.tail(0)) == 0
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18"])
+def test_folding_batchnorm_into_the_convolutions_keeps_the_outputs(arch):
+    """Features are computed by a copy with BatchNorm folded in: it must give what the model gives."""
+    from pneumo.features import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = create_model(arch, pretrained="none").eval()
+    for bn in model.body.modules():  # statistics and affine terms far from the identity
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.5, 0.5)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.body.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.body.modules())  # the original is untouched
+    x = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        for n in (0, 2):
+            a, b = model.features_before(x, n), folded.features_before(x, n)
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())

@@ -41,7 +41,7 @@ def cmd_show_batch(args: argparse.Namespace) -> int:
 def training_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ["arch", "pretrained", "weights", "image_size", "valid_pct", "split", "keep_val", "patient_rule",
              "batch_size", "seed", "device", "mode", "class_balance", "precision", "feature_views",
-             "bn_adapt_images", "weight_decay", "trainable_stages"]
+             "bn_adapt_images", "bn_adapt_batch_size", "weight_decay", "trainable_stages"]
     options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "no_augment", False):
         options["augment"] = False
@@ -208,6 +208,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                         "body; see `pneumo models`)")
     g.add_argument("--bn-adapt-images", type=int, default=None,
                    help="features mode: images that re-estimate BatchNorm statistics (0: keep ImageNet's)")
+    g.add_argument("--bn-adapt-batch-size", type=int, default=None,
+                   help="features mode: images per batch of the BatchNorm pass (default 32)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.01)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None)
     g.add_argument("--no-augment", action="store_true", help="no random rotation/zoom/lighting/flip")

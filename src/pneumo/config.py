@@ -33,6 +33,7 @@ class TrainConfig:
                                      # them (fast on a CPU); "full": augment and run the body every step;
                                      # "auto": features on a CPU, full on a GPU
     bn_adapt_images: int = 1024      # training images whose statistics re-estimate BatchNorm (features)
+    bn_adapt_batch_size: int = 32    # images per batch of that pass (small batches run faster on a CPU)
     feature_views: int = 2           # copies of each training image to cache (features mode): the
                                      # first as it is, the others augmented
     trainable_stages: int = 2        # the body's last N stages train with the head, at a tenth of its
@@ -68,6 +69,8 @@ class TrainConfig:
             raise PneumoError(f"class_balance must be none or weights, not {self.class_balance!r}")
         if self.epochs < 0 or self.unfreeze_epochs < 0 or self.epochs + self.unfreeze_epochs == 0:
             raise PneumoError("train for at least one epoch (--epochs or --unfreeze-epochs)")
+        if self.bn_adapt_batch_size < 2:
+            raise PneumoError(f"--bn-adapt-batch-size must be 2 or more, not {self.bn_adapt_batch_size}")
         if self.trainable_stages < 0:
             raise PneumoError(f"--trainable-stages must be 0 or more, not {self.trainable_stages}")
         if not self.lr > 0:

