@@ -17,7 +17,8 @@ DATA=${1:?usage: bench/reference_model.sh DATA OUT}
 OUT=${2:?usage: bench/reference_model.sh DATA OUT}
 PNEUMO=${PNEUMO:-pneumo}
 COMMON=(--pretrained imagenet --split patient --valid-pct 0.2 --epochs 8 --lr 3e-3 --batch-size 64
-        --mode features --trainable-stages 2 --bn-adapt-images 1024 --class-balance weights
+        --mode features --trainable-stages 2 --bn-adapt-images 1024 --bn-adapt-batch-size 32
+        --class-balance weights
         --threshold youden --seed 42)
 "$PNEUMO" train "$DATA" --out "$OUT/lite0" --arch efficientnet_lite0 --feature-views 2 "${COMMON[@]}"
 "$PNEUMO" train "$DATA" --out "$OUT/lite2" --arch efficientnet_lite2 --feature-views 1 "${COMMON[@]}"

@@ -123,6 +123,15 @@ def test_a_second_run_into_the_same_folder_is_refused(run):
         train(SAMPLE, out=str(run.run_dir), epochs=1, **FAST)
 
 
+@pytest.mark.parametrize("option, message", [
+    ({"bn_adapt_batch_size": 1}, "--bn-adapt-batch-size"), ({"trainable_stages": -1}, "--trainable-stages"),
+    ({"lr": 0.0}, "--lr"), ({"mode": "fast"}, "mode"), ({"epochs": 0}, "at least one epoch")])
+def test_bad_options_are_refused_before_any_work(tmp_path, option, message):
+    with pytest.raises(PneumoError, match=message):
+        train(SAMPLE, out=str(tmp_path / "bad"), **{**FAST, **option})
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_diverging_loss_stops_with_a_clear_message(tmp_path):
     with pytest.raises(TrainingError, match="lower --lr"):
         train(SAMPLE, out=str(tmp_path / "nan"), epochs=2, lr=1e12, **FAST)

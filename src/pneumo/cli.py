@@ -209,7 +209,7 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bn-adapt-images", type=int, default=None,
                    help="features mode: images that re-estimate BatchNorm statistics (0: keep ImageNet's)")
     g.add_argument("--bn-adapt-batch-size", type=int, default=None,
-                   help="features mode: images per batch of the BatchNorm pass (default 32)")
+                   help="features mode: images per batch of the BatchNorm pass (default 8)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.01)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None)
     g.add_argument("--no-augment", action="store_true", help="no random rotation/zoom/lighting/flip")

@@ -46,7 +46,7 @@ def fold_batchnorm(model: XrayNet) -> XrayNet:
 
 
 @torch.no_grad()
-def adapt_batchnorm(model: XrayNet, pixels: np.ndarray, device: torch.device, batch_size: int = 32,
+def adapt_batchnorm(model: XrayNet, pixels: np.ndarray, device: torch.device, batch_size: int = 8,
                     progress: bool = True) -> None:
     """Re-estimate the body's BatchNorm running statistics on ``pixels`` (uint8 ``(N, H, W)``).
 
