@@ -6,9 +6,9 @@
 # "ensemble_lite0_lite2_bnbs8"): two runs on one patient-level validation split (20%, seed 42), their
 # calibrated probabilities averaged, the threshold chosen (Youden) on their averaged validation
 # predictions only. Member 1 is pneumo's default recipe (ImageNet EfficientNet-Lite0, BatchNorm
-# re-estimated on training images in batches of 8, the body frozen but for its last two stages, which train with
-# the head on cached feature maps, two views per image, loss weights against the 3:1 class
-# imbalance, one-cycle over 8 epochs at 3e-3); member 2 is the same with EfficientNet-Lite2 and one
+# re-estimated on training images in batches of 8, the body frozen but for its last two stages,
+# which train with the head on cached feature maps, two views per image, loss weights against the
+# 3:1 class imbalance, one-cycle over 8 epochs at 3e-3); member 2 is the same with EfficientNet-Lite2 and one
 # view. Options are spelled out so that the script keeps its meaning if defaults change;
 # `--mode features` runs the very recipe measured on the CPU on a GPU too. 10 to 14 minutes on a
 # 2-core CPU.

@@ -34,7 +34,7 @@ class TrainConfig:
                                      # "auto": features on a CPU, full on a GPU
     bn_adapt_images: int = 1024      # training images whose statistics re-estimate BatchNorm (features)
     bn_adapt_batch_size: int = 8     # images per batch of that pass: 8 runs 1.7x faster than 32 on a
-                                     # CPU, at equal or better accuracy (bench/experiments/recipe.md)
+                                     # CPU and ranked higher on the selection split (bench/experiments)
     feature_views: int = 2           # copies of each training image to cache (features mode): the
                                      # first as it is, the others augmented
     trainable_stages: int = 2        # the body's last N stages train with the head, at a tenth of its
