@@ -102,7 +102,7 @@ def profile(data: Path, limit: int, image_size: int, epochs: int, batch_sizes: S
     set_body_trainable(model, False, train_bn=False)
     opt = make_optimizer([list(model.head.parameters())], [3e-3], 0.01)
     phase = HeadOnFeatures(model, opt, epochs, 64, n_train=n, generator=gen, class_weights=None,
-                           train_feats=feats[None], train_y=labels, valid_feats=feats)
+                           device=torch.device("cpu"), train_feats=feats[None], train_y=labels, valid_feats=feats)
     t0 = time.perf_counter()
     for e in range(epochs):
         phase.train_epoch(e, progress=False)

@@ -2,7 +2,7 @@
 
 Each library runs in its own process (so its peak memory is its own), lr_find first as in the
 tutorial, then training. pneumo runs exactly as a user gets it (``pneumo.lr_find`` and
-``pneumo.train``: features mode on a CPU, full mode on a GPU) on one cache that starts empty, so its
+``pneumo.train``: features mode, the default on every device) on one cache that starts empty, so its
 times include JPEG decoding as fastai's include its loading; lr-find computes the features and train
 reuses them, as they do for a user who runs one after the other. fastai then trains on
 the very files of pneumo's ``split.json``. Prints one JSON object::
@@ -101,8 +101,9 @@ def run_pneumo(data: Path, workdir: Path, *, epochs: int, image_size: int, split
     pays for decoding and features and train reuses them); run folder in ``workdir/run``."""
     import torch
 
+    from pneumo.config import TrainConfig
     from pneumo.lr_finder import lr_find
-    from pneumo.training import train
+    from pneumo.training import resolve_mode, train
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -133,7 +134,7 @@ def run_pneumo(data: Path, workdir: Path, *, epochs: int, image_size: int, split
         "fit_s": round(fit_s, 2), "fit_cpu_s": round(fit_cpu_s, 2), "img_per_s": round(n_train * epochs / fit_s, 2),
         **parts, "epochs_s": round(sum(row["time"] for row in run.history), 2),
         "valid_error": run.history[-1]["error_rate"], "valid_loss": run.history[-1]["valid_loss"],
-        "mode": "features" if device == "cpu" else "full",  # what mode "auto" resolves to
+        "mode": resolve_mode(TrainConfig.from_dict(json.loads((run.run_dir / "config.json").read_text()))),
         "peak_mem_mb": peak_memory_mb(device), "run_dir": str(run.run_dir)})
     return result
 

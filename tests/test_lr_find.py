@@ -71,7 +71,8 @@ def test_lr_find_restores_the_weights_it_perturbed(tmp_path):
     y = (feats[0, :, 0] > 0).long()
     opt = make_optimizer([list(model.head.parameters())], [1e-3], 0.01)
     phase = HeadOnFeatures(model, opt, 1, 32, n_train=256, generator=torch.Generator().manual_seed(0),
-                           class_weights=None, train_feats=feats, train_y=y, valid_feats=feats[0])
+                           class_weights=None, device=torch.device("cpu"), train_feats=feats, train_y=y,
+                           valid_feats=feats[0])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = find_lr(model, phase, num_it=60)
     assert len(result.lrs) > 10

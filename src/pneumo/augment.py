@@ -33,27 +33,28 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, cfg: AugmentConfi
     """
     n = x.shape[0]
     x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+    # every random number of the batch in one draw and one copy: a copy per parameter would make a GPU
+    # wait for the host each time (non_blocking); rows are drawn in a fixed order, so a seed gives the
+    # same images everywhere
+    r = torch.rand(9, n, generator=generator).to(x.device, non_blocking=True)
 
-    def uniform(lo: float, hi: float) -> torch.Tensor:
-        return (torch.rand(n, generator=generator) * (hi - lo) + lo).to(x.device)
+    def uniform(row: int, lo: float, hi: float) -> torch.Tensor:
+        return r[row] * (hi - lo) + lo
 
-    def coin(p: float) -> torch.Tensor:
-        return (torch.rand(n, generator=generator) < p).to(x.device)
-
-    do_affine = coin(cfg.p_affine)
-    angle = uniform(-cfg.max_rotate, cfg.max_rotate) * math.pi / 180 * do_affine
-    zoom = torch.where(do_affine, uniform(cfg.min_zoom, cfg.max_zoom), torch.ones(n, device=x.device))
-    tx = uniform(-cfg.max_shift, cfg.max_shift) * 2 * do_affine
-    ty = uniform(-cfg.max_shift, cfg.max_shift) * 2 * do_affine
-    flip = torch.where(coin(0.5) & torch.tensor(cfg.flip, device=x.device), -1.0, 1.0)
+    do_affine = r[0] < cfg.p_affine
+    angle = uniform(1, -cfg.max_rotate, cfg.max_rotate) * math.pi / 180 * do_affine
+    zoom = torch.where(do_affine, uniform(2, cfg.min_zoom, cfg.max_zoom), 1.0)
+    tx = uniform(3, -cfg.max_shift, cfg.max_shift) * 2 * do_affine
+    ty = uniform(4, -cfg.max_shift, cfg.max_shift) * 2 * do_affine
+    flip = torch.where(r[5] < 0.5, -1.0, 1.0) if cfg.flip else torch.ones_like(angle)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
-    do_light = coin(cfg.p_lighting).view(n, 1, 1, 1).float()
-    brightness = uniform(-cfg.max_lighting, cfg.max_lighting).view(n, 1, 1, 1) * do_light
-    contrast = torch.exp(uniform(-cfg.max_lighting, cfg.max_lighting).view(n, 1, 1, 1) * do_light)
+    do_light = (r[6] < cfg.p_lighting).view(n, 1, 1, 1).float()
+    brightness = uniform(7, -cfg.max_lighting, cfg.max_lighting).view(n, 1, 1, 1) * do_light
+    contrast = torch.exp(uniform(8, -cfg.max_lighting, cfg.max_lighting).view(n, 1, 1, 1) * do_light)
     mean = x.mean(dim=(2, 3), keepdim=True)
     x = (x - mean) * contrast + mean + brightness / 2
     return x.clamp_(0, 1)

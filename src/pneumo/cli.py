@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pneumo import __version__
+from pneumo.config import TrainConfig as D  # the defaults the help texts quote
 from pneumo.errors import PneumoError
 
 SAMPLE_DATA = Path(__file__).parent / "sample_data" / "chest_xray"
@@ -182,11 +183,11 @@ def floats(text: str) -> list[float]:
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and model")
-    g.add_argument("--arch", default=None, help="backbone (default efficientnet_lite0; see `pneumo models`)")
+    g.add_argument("--arch", default=None, help=f"backbone (default {D.arch}; see `pneumo models`)")
     g.add_argument("--pretrained", choices=["imagenet", "none"], default=None,
                    help="start from ImageNet weights (default) or train from scratch")
     g.add_argument("--weights", default=None, help="local ImageNet weights file (.pth/.safetensors)")
-    g.add_argument("--image-size", type=int, default=None, help="square input size (default 224)")
+    g.add_argument("--image-size", type=int, default=None, help=f"square input size (default {D.image_size})")
     g.add_argument("--valid-pct", type=float, default=None,
                    help="validation fraction split off train (default: a usable val folder, else 0.2)")
     g.add_argument("--split", choices=["patient", "random"], default=None,
@@ -196,21 +197,26 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="auto (default), cpu, cuda")
-    g.add_argument("--mode", choices=["auto", "features", "full"], default=None,
-                   help="frozen phase on cached features (CPU default) or the full network (GPU default)")
+    g.add_argument("--mode", choices=["features", "full"], default=None,
+                   help="frozen phase on cached body features (default, on a CPU and a GPU) or the full "
+                        "network every step")
     g.add_argument("--class-balance", choices=["none", "weights"], default=None,
                    help="'weights' (default): loss weights inverse to class frequency (train is 3:1 pneumonia); "
                         "'none': plain cross-entropy, as the tutorial")
     g.add_argument("--feature-views", type=int, default=None,
-                   help="features mode: copies of each training image to cache, the first as it is (default 2)")
+                   help=f"features mode: copies of each training image to cache, the first as it is "
+                        f"(default {D.feature_views})")
     g.add_argument("--trainable-stages", type=int, default=None,
-                   help="the body's last N stages train with the head (default 2; 0: the tutorial's frozen "
-                        "body; see `pneumo models`)")
+                   help=f"the body's last N stages train with the head (default {D.trainable_stages}; 0: the "
+                        "tutorial's frozen body; see `pneumo models`)")
     g.add_argument("--bn-adapt-images", type=int, default=None,
-                   help="features mode: images that re-estimate BatchNorm statistics (0: keep ImageNet's)")
+                   help=f"features mode: images that re-estimate BatchNorm statistics (default "
+                        f"{D.bn_adapt_images}; 0: keep ImageNet's)")
     g.add_argument("--bn-adapt-batch-size", type=int, default=None,
-                   help="features mode: images per batch of the BatchNorm pass (default 8)")
-    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.01)")
+                   help=f"features mode: images per batch of the BatchNorm pass "
+                        f"(default {D.bn_adapt_batch_size})")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help=f"AdamW weight decay (default {D.weight_decay})")
     g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None)
     g.add_argument("--no-augment", action="store_true", help="no random rotation/zoom/lighting/flip")
 
@@ -259,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", cmd_train, "train with the one-cycle policy, body frozen but for its last stages "
                 "(then optionally fine-tuned)")
     p.add_argument("data", nargs="?", default=None)
-    p.add_argument("--epochs", type=int, default=8, help="frozen-body epochs (default 8)")
-    p.add_argument("--lr", type=float, default=3e-3, help="one-cycle peak LR (default 3e-3)")
+    p.add_argument("--epochs", type=int, default=D.epochs, help="frozen-body epochs (default %(default)s)")
+    p.add_argument("--lr", type=float, default=D.lr, help="one-cycle peak LR (default %(default)s)")
     p.add_argument("--unfreeze", action="store_true", help="then fine-tune the whole network")
     p.add_argument("--unfreeze-epochs", type=int, default=4)
     p.add_argument("--unfreeze-lr", type=float, default=None, help="default lr / 2, spread lr/100..lr")

@@ -29,9 +29,10 @@ class TrainConfig:
     unfreeze_epochs: int = 0         # >0: then fine-tune the whole net with discriminative LRs
     unfreeze_lr: float | None = None  # peak LR of the fine-tuning phase; None: lr / 2 as fastai's fine_tune
     # --- how the frozen phase runs ------------------------------------------------------------------
-    mode: str = "auto"               # "features": adapt BN once, cache body features, train the head on
-                                     # them (fast on a CPU); "full": augment and run the body every step;
-                                     # "auto": features on a CPU, full on a GPU
+    mode: str = "features"           # "features": adapt BN once, cache body features, train the head
+                                     # (and trainable stages) on them, on any device: the recipe measured
+                                     # in bench/; "full": augment and run the body every step ("auto",
+                                     # in configs of older runs, means features)
     bn_adapt_images: int = 1024      # training images whose statistics re-estimate BatchNorm (features)
     bn_adapt_batch_size: int = 8     # images per batch of that pass: 8 runs 1.7x faster than 32 on a
                                      # CPU and ranked higher on the selection split (bench/experiments)

@@ -97,10 +97,8 @@ def find_lr(model: torch.nn.Module, phase: Any, start_lr: float = 1e-7, end_lr: 
         for group in phase.opt.param_groups:
             group["lr"] = lr * group["max_lr"] / top
         loss = phase.step(batches.pop())
-        phase.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        phase.opt.step()
-        return loss.item()
+        phase.update(loss)
+        return loss.item()  # the stopping rule needs every loss: one wait per step, as fastai
 
     try:
         return range_test(step, start_lr, end_lr, num_it, method=method)

@@ -6,6 +6,9 @@ device, under autocast where asked (the frozen body on a GPU, training from scra
 """
 from __future__ import annotations
 
+import contextlib
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,39 +33,73 @@ def set_schedule(opt: torch.optim.Optimizer, pos: float) -> None:
         group["betas"] = (one_cycle_momentum(pos), group["betas"][1])
 
 
-def check_finite(loss: torch.Tensor, where: str, lr: float) -> None:
-    if not torch.isfinite(loss):
-        raise TrainingError(f"the loss became {loss.item()} at {where} (lr {lr:.2e}); lower --lr "
-                            f"(`pneumo lr-find` suggests one) or use --precision fp32")
+LOSS_READ_EVERY = 16  # steps between reading the losses back on a GPU (each read makes the host wait)
+
+
+def first_non_finite(losses: list[float]) -> int | None:
+    return next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
 
 
 class Phase:
-    """The epochs of one optimizer and one schedule. Subclasses say what a step and a validation are."""
+    """The epochs of one optimizer and one schedule. Subclasses say what a step and a validation are.
+
+    Nothing in a step reads a value back from the device: batch indices go over once per epoch and
+    losses come back every ``LOSS_READ_EVERY`` steps (every step on a CPU, where a read costs nothing),
+    so a GPU never waits for the host between steps.
+    """
     name = "phase"
 
     def __init__(self, model: XrayNet, opt: torch.optim.Optimizer, epochs: int, batch_size: int,
-                 n_train: int, generator: torch.Generator, class_weights: torch.Tensor | None):
+                 n_train: int, generator: torch.Generator, class_weights: torch.Tensor | None,
+                 device: torch.device):
         self.model, self.opt, self.epochs, self.bs = model, opt, epochs, batch_size
-        self.n_train, self.gen, self.class_weights = n_train, generator, class_weights
+        self.n_train, self.gen, self.class_weights, self.device = n_train, generator, class_weights, device
         self.steps_per_epoch = max(1, n_train // batch_size)  # drop the last partial batch, as fastai
+        self.scaler: torch.amp.GradScaler | None = None     # loss scaling, for fp16 only
+        self.read_every = 1 if device.type == "cpu" else LOSS_READ_EVERY
 
     def batches(self) -> list[torch.Tensor]:
-        order = torch.randperm(self.n_train, generator=self.gen)
+        """This epoch's shuffled index batches, on the device (drawn from the CPU generator)."""
+        order = torch.randperm(self.n_train, generator=self.gen).to(self.device, non_blocking=True)
         return [order[i * self.bs:(i + 1) * self.bs] for i in range(self.steps_per_epoch)]
 
-    def train_epoch(self, epoch: int, progress: bool) -> float:
-        losses = []
-        bar = tqdm(self.batches(), desc=f"{self.name} epoch {epoch + 1}/{self.epochs}", unit="batch",
-                   disable=not progress, leave=False)
-        for step, idx in enumerate(bar):
-            set_schedule(self.opt, (epoch * self.steps_per_epoch + step) / (self.epochs * self.steps_per_epoch))
-            loss = self.step(idx)
-            check_finite(loss, f"{self.name} epoch {epoch + 1} step {step + 1}", self.opt.param_groups[-1]["lr"])
-            self.opt.zero_grad(set_to_none=True)
+    def update(self, loss: torch.Tensor) -> None:
+        """Backward and one optimizer step."""
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is None:
             loss.backward()
             self.opt.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+
+    def train_epoch(self, epoch: int, progress: bool) -> float:
+        batches = self.batches()
+        losses: list[float] = []
+        pending: list[torch.Tensor] = []
+        lrs: list[float] = []
+        bar = tqdm(total=len(batches), desc=f"{self.name} epoch {epoch + 1}/{self.epochs}", unit="batch",
+                   disable=not progress, leave=False)
+        for step, idx in enumerate(batches):
+            set_schedule(self.opt, (epoch * self.steps_per_epoch + step) / (self.epochs * self.steps_per_epoch))
+            lrs.append(self.opt.param_groups[-1]["lr"])
+            loss = self.step(idx)
+            self.update(loss)
+            pending.append(loss.detach())
+            if len(pending) == self.read_every or step + 1 == len(batches):
+                values = torch.stack(pending).float().cpu().tolist()
+                bad = first_non_finite(values)
+                if bad is not None:
+                    at = len(losses) + bad
+                    raise TrainingError(f"the loss became {values[bad]} at {self.name} epoch {epoch + 1} step "
+                                        f"{at + 1} (lr {lrs[at]:.2e}); lower --lr (`pneumo lr-find` suggests "
+                                        f"one) or use --precision fp32")
+                losses.extend(values)
+                pending.clear()
+                bar.update(len(values))
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        bar.close()
         return float(np.mean(losses))
 
     def step(self, idx: torch.Tensor) -> torch.Tensor:
@@ -87,6 +124,7 @@ class HeadOnFeatures(Phase):
     def step(self, idx: torch.Tensor) -> torch.Tensor:
         self.trained.train()
         views = torch.randint(len(self.train_feats), (len(idx),), generator=self.gen)
+        views = views.to(self.device, non_blocking=True)
         logits = self.model.forward_from(self.train_feats[views, idx].float(), self.trainable_stages)
         return F.cross_entropy(logits, self.train_y[idx], weight=self.class_weights)
 
@@ -105,7 +143,11 @@ class FullNetwork(Phase):
         super().__init__(*args, **kw)
         self.name, self.train_x, self.train_y, self.valid_x = name, train_x, train_y, valid_x
         self.augment, self.amp, self.channels_last = augment, amp, channels_last
-        self.device = train_x.device
+        if amp == torch.float16:  # fp16 gradients underflow without scaling; bf16 has fp32's range
+            self.scaler = torch.amp.GradScaler(self.device.type)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = x.unsqueeze(1)
@@ -113,23 +155,17 @@ class FullNetwork(Phase):
 
     def step(self, idx: torch.Tensor) -> torch.Tensor:
         self.model.train()
-        x = self.train_x[idx.to(self.device)]
+        x = self.train_x[idx]
         x = augment_batch(x.unsqueeze(1), self.gen).squeeze(1) if self.augment else x
-        y = self.train_y[idx.to(self.device)]
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+        with self._autocast():
             logits = self.model(self._prepare(x))
-        loss = F.cross_entropy(logits.float(), y, weight=self.class_weights)
-        if not torch.isfinite(loss) and self.amp is not None:
-            tqdm.write(f"non-finite loss under {self.amp}: continuing in full precision")
-            self.amp = None
-            return self.step(idx)
-        return loss
+        return F.cross_entropy(logits.float(), self.train_y[idx], weight=self.class_weights)
 
     @torch.inference_mode()
     def valid_logits(self, batch_size: int = 128) -> torch.Tensor:
         self.model.eval()
         out = []
         for i in range(0, len(self.valid_x), batch_size):
-            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            with self._autocast():
                 out.append(self.model(self._prepare(self.valid_x[i:i + batch_size])).float())
         return torch.cat(out)

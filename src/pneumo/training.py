@@ -1,9 +1,10 @@
 """The training loop, read top to bottom: data -> model -> phases of one-cycle epochs -> evaluation.
 
-Phase 1 is the tutorial's ``fit_one_cycle(epochs, lr)`` with the body frozen (BatchNorm still
-adapting). On a CPU it runs on cached body features (see ``features.py``); on a GPU the body runs
-every step on augmented batches taken straight from the uint8 image cache on the device. Phase 2
-(``unfreeze_epochs`` > 0) fine-tunes the whole network with discriminative learning rates.
+Phase 1 is the tutorial's ``fit_one_cycle(epochs, lr)`` with the body frozen (BatchNorm adapted to
+X-rays). By default it runs on cached body features (see ``features.py``) on a CPU and a GPU alike;
+``mode="full"`` runs the body every step on augmented batches taken straight from the uint8 image
+cache on the device, as training from scratch and phase 2 always do. Phase 2 (``unfreeze_epochs`` >
+0) fine-tunes the whole network with discriminative learning rates.
 
 Every epoch ends with an atomic checkpoint holding the model, optimizer, RNG states and history,
 so ``resume=True`` continues a killed run and ends exactly where an uninterrupted run ends.
@@ -67,9 +68,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-def resolve_mode(cfg: TrainConfig, device: torch.device) -> str:
-    """``auto``: cached features on a CPU (the body is the cost), the full network on a GPU (it is cheap)."""
-    return cfg.mode if cfg.mode != "auto" else ("features" if device.type == "cpu" else "full")
+def resolve_mode(cfg: TrainConfig) -> str:
+    """``features`` unless ``full`` is asked for; ``auto`` comes from configs written before features
+    mode became the default on every device (it was full on a GPU, never measured for accuracy)."""
+    return "full" if cfg.mode == "full" else "features"
 
 
 def first_phase_name(cfg: TrainConfig) -> str:
@@ -260,7 +262,9 @@ def prepare_run(cfg: TrainConfig, progress: bool = True, pretrained: bool = True
     """Seed, device, data (split and decoded), model, labels and class weights."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    mode = resolve_mode(cfg, device)
+    mode = resolve_mode(cfg)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
     data = load_data(cfg, progress)
     model = build_model(cfg, len(data.classes), device, pretrained)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -280,7 +284,7 @@ def build_phase(name: str, cfg: TrainConfig, mode: str, model: XrayNet, data: Tr
                 generator: torch.Generator, train_y: torch.Tensor, valid_y: torch.Tensor,
                 class_weights: torch.Tensor | None, amp: torch.dtype | None, run_dir: Path,
                 progress: bool) -> Phase:
-    common = dict(n_train=len(data.train), generator=generator, class_weights=class_weights)
+    common = dict(n_train=len(data.train), generator=generator, class_weights=class_weights, device=device)
     if name == "frozen" and mode == "features":
         feats = cached_features(cfg, model, data, device, generator, run_dir, progress)
         set_body_trainable(model, False, train_bn=False, trainable_stages=cfg.trainable_stages)
