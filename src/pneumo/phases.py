@@ -1,8 +1,9 @@
 """A training phase: one optimizer, one one-cycle schedule, its epochs. Two kinds of step.
 
-``HeadOnFeatures`` trains the head alone on cached body features (the frozen body on a CPU);
-``FullNetwork`` runs the body every step on augmented batches cut from the uint8 image tensor on the
-device, under autocast where asked (the frozen body on a GPU, training from scratch, fine-tuning).
+``HeadOnFeatures`` trains the head (and the body's last stages) on cached body features: the frozen
+phase by default, on any device. ``FullNetwork`` runs the body every step on augmented batches cut
+from the uint8 image tensor on the device, under autocast where asked (``--mode full``, training from
+scratch, fine-tuning).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def set_schedule(opt: torch.optim.Optimizer, pos: float) -> None:
         group["betas"] = (one_cycle_momentum(pos), group["betas"][1])
 
 
-LOSS_READ_EVERY = 16  # steps between reading the losses back on a GPU (each read makes the host wait)
+LOSS_READ_EVERY = 16  # steps between reading losses back on a GPU (each read waits for the device)
 
 
 def first_non_finite(losses: list[float]) -> int | None:
@@ -45,7 +46,7 @@ class Phase:
 
     Nothing in a step reads a value back from the device: batch indices go over once per epoch and
     losses come back every ``LOSS_READ_EVERY`` steps (every step on a CPU, where a read costs nothing),
-    so a GPU never waits for the host between steps.
+    so on a GPU Python queues the next steps while the device runs this one.
     """
     name = "phase"
 
