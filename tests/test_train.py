@@ -118,6 +118,19 @@ def test_trainable_stages_learn_on_cached_maps_and_resume_exactly(tmp_path):
     assert [f["p_PNEUMONIA"] for f in fresh] == pytest.approx([float(r[4]) for r in rows], abs=1e-4)
 
 
+def test_fp16_run_resumes_with_its_loss_scale(tmp_path):
+    """The loss scale is training state: restarted at its initial value, the resumed run would skip
+    steps the uninterrupted one took."""
+    options = dict(epochs=2, mode="full", precision="fp16", image_size=32, progress=False, seed=3)
+    whole = train(SAMPLE, out=str(tmp_path / "whole"), **options)
+    with pytest.raises(StopRequested):
+        train(SAMPLE, out=str(tmp_path / "killed"), stop_after_epoch=1, **options)
+    saved = torch.load(tmp_path / "killed" / "checkpoints" / "last.pt", weights_only=True)
+    assert 0 < saved["scaler"]["scale"] < 2.0 ** 16  # overflowing steps halved it from its start
+    resumed = train(resume=True, out=str(tmp_path / "killed"), progress=False)
+    assert strip_time(resumed.history) == strip_time(whole.history)
+
+
 def test_a_second_run_into_the_same_folder_is_refused(run):
     with pytest.raises(PneumoError, match="--resume"):
         train(SAMPLE, out=str(run.run_dir), epochs=1, **FAST)

@@ -6,7 +6,8 @@ X-rays). By default it runs on cached body features (see ``features.py``) on a C
 cache on the device, as training from scratch and phase 2 always do. Phase 2 (``unfreeze_epochs`` >
 0) fine-tunes the whole network with discriminative learning rates.
 
-Every epoch ends with an atomic checkpoint holding the model, optimizer, RNG states and history,
+Every epoch ends with an atomic checkpoint holding the model, optimizer, RNG states (the GPU's
+too), the fp16 loss scale and history,
 so ``resume=True`` continues a killed run and ends exactly where an uninterrupted run ends.
 """
 from __future__ import annotations
@@ -211,6 +212,10 @@ def train(data: str | Path | None = None, *, resume: bool = False, progress: boo
             phase.opt.load_state_dict(state["optimizer"])
             generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") and run.device.type == "cuda":  # dropout on a GPU draws from it
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            if state.get("scaler") and phase.scaler is not None:  # fp16 loss scale
+                phase.scaler.load_state_dict(state["scaler"])
         for epoch in range(first, epochs):
             t0 = time.perf_counter()
             train_loss = phase.train_epoch(epoch, progress)
@@ -227,7 +232,9 @@ def train(data: str | Path | None = None, *, resume: bool = False, progress: boo
             done_phase, done_epoch = (phase_index, epoch + 1)
             save_checkpoint(checkpoint_file, phase=done_phase, epoch=done_epoch, model=model.state_dict(),
                             optimizer=phase.opt.state_dict(), generator=generator.get_state(),
-                            torch_rng=torch.get_rng_state(), history=json.dumps(history))
+                            torch_rng=torch.get_rng_state(), history=json.dumps(history),
+                            cuda_rng=torch.cuda.get_rng_state_all() if run.device.type == "cuda" else [],
+                            scaler=phase.scaler.state_dict() if phase.scaler is not None else {})
             write_metrics(run_dir, history)
             if stop_after_epoch is not None and len(history) >= stop_after_epoch:
                 raise StopRequested(f"stopped after epoch {len(history)} as asked")
