@@ -7,8 +7,8 @@ cache on the device, as training from scratch and phase 2 always do. Phase 2 (``
 0) fine-tunes the whole network with discriminative learning rates.
 
 Every epoch ends with an atomic checkpoint holding the model, optimizer, RNG states (the GPU's
-too), the fp16 loss scale and history,
-so ``resume=True`` continues a killed run and ends exactly where an uninterrupted run ends.
+too), the fp16 loss scale and history, so ``resume=True`` continues a killed run and ends exactly
+where an uninterrupted run ends (on a CPU; GPU kernels need not be deterministic).
 """
 from __future__ import annotations
 
