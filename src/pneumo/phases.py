@@ -64,6 +64,10 @@ class Phase:
         order = torch.randperm(self.n_train, generator=self.gen).to(self.device, non_blocking=True)
         return [order[i * self.bs:(i + 1) * self.bs] for i in range(self.steps_per_epoch)]
 
+    def position(self, epoch: int, step: int) -> float:
+        """How far through this phase's one-cycle schedule a step is, from 0 to 1."""
+        return (epoch * self.steps_per_epoch + step) / (self.epochs * self.steps_per_epoch)
+
     def update(self, loss: torch.Tensor) -> None:
         """Backward and one optimizer step."""
         self.opt.zero_grad(set_to_none=True)
@@ -79,12 +83,10 @@ class Phase:
         batches = self.batches()
         losses: list[float] = []
         pending: list[torch.Tensor] = []
-        lrs: list[float] = []
         bar = tqdm(total=len(batches), desc=f"{self.name} epoch {epoch + 1}/{self.epochs}", unit="batch",
                    disable=not progress, leave=False)
         for step, idx in enumerate(batches):
-            set_schedule(self.opt, (epoch * self.steps_per_epoch + step) / (self.epochs * self.steps_per_epoch))
-            lrs.append(self.opt.param_groups[-1]["lr"])
+            set_schedule(self.opt, self.position(epoch, step))
             loss = self.step(idx)
             self.update(loss)
             pending.append(loss.detach())
@@ -93,8 +95,9 @@ class Phase:
                 bad = first_non_finite(values)
                 if bad is not None:
                     at = len(losses) + bad
+                    lr = one_cycle(self.position(epoch, at), self.opt.param_groups[-1]["max_lr"])
                     raise TrainingError(f"the loss became {values[bad]} at {self.name} epoch {epoch + 1} step "
-                                        f"{at + 1} (lr {lrs[at]:.2e}); lower --lr (`pneumo lr-find` suggests "
+                                        f"{at + 1} (lr {lr:.2e}); lower --lr (`pneumo lr-find` suggests "
                                         f"one) or use --precision fp32")
                 losses.extend(values)
                 pending.clear()
