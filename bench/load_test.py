@@ -68,7 +68,7 @@ def payloads(images: list[Path], max_upload_mb: float) -> dict[str, list[tuple[s
 
 
 def train_model(out: Path, image_size: int, epochs: int) -> Path:
-    from pneumo.training import train
+    from pneumo.train.loop import train
     print(f"load_test: no --model given; training one on the bundled sample at {image_size} px", file=sys.stderr)
     return train(SAMPLE, out=out, epochs=epochs, image_size=image_size, progress=False).model_dir
 

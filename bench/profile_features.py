@@ -22,11 +22,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pneumo.cache import decode_images
+from pneumo.data.cache import decode_images
 from pneumo.config import TrainConfig
-from pneumo.features import adapt_batchnorm, extract_features
-from pneumo.models import create_model, set_body_trainable
-from pneumo.training import HeadOnFeatures, make_optimizer
+from pneumo.train.features import adapt_batchnorm, extract_features
+from pneumo.nets.models import create_model, set_body_trainable
+from pneumo.train.loop import HeadOnFeatures, make_optimizer
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -53,7 +53,7 @@ def features_nchw(model, pixels: np.ndarray, batch_size: int) -> torch.Tensor:
 
 def profile(data: Path, limit: int, image_size: int, epochs: int, batch_sizes: Sequence[int],
             threads: Sequence[int], seed: int, workdir: Path) -> dict:
-    from pneumo.data import discover
+    from pneumo.data.folders import discover
 
     root = stratified_subset(data, limit, seed, workdir / "subset")
     samples = discover(root).samples

@@ -16,11 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from pneumo.data import discover, split_by_patient
-from pneumo.ensemble import make_ensemble
-from pneumo.finish import TEST_SPLIT_POSITIVE_FRACTION
-from pneumo.predict import evaluate_model_on_folder
-from pneumo.training import train
+from pneumo.data.folders import discover, split_by_patient
+from pneumo.infer.ensemble import make_ensemble
+from pneumo.train.finish import TEST_SPLIT_POSITIVE_FRACTION
+from pneumo.infer.predict import evaluate_model_on_folder
+from pneumo.train.loop import train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_224" / "train"
 

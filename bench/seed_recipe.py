@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pneumo.training import train
+from pneumo.train.loop import train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_224" / "train"
 

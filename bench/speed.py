@@ -36,7 +36,7 @@ DEFAULT_DATA = BENCH.parent.parent / "shared" / "data" / "chest_xray_224" / "tra
 
 def stratified_subset(root: Path, limit: int, seed: int, dest: Path) -> Path:
     """A folder of class folders holding symlinks to ``limit`` images, class proportions kept, seeded."""
-    from pneumo.data import discover
+    from pneumo.data.folders import discover
 
     samples = [s for s in discover(root).samples if s.split != "test"]
     if limit >= len(samples):
@@ -71,8 +71,8 @@ def cpu_seconds() -> float:
 
 
 def add_timers(timers: dict[str, float]) -> None:
-    """Wrap pneumo.training's decode / BatchNorm / feature functions to time them (no pneumo file edited)."""
-    import pneumo.training as T
+    """Wrap pneumo.train.loop's decode / BatchNorm / feature functions to time them (no pneumo file edited)."""
+    import pneumo.train.loop as T
 
     def timed(name: str, fn: Callable) -> Callable:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -87,11 +87,11 @@ def add_timers(timers: dict[str, float]) -> None:
     T.adapt_batchnorm = timed("bn_adapt_s", T.adapt_batchnorm)
     T.extract_features = timed("features_s", T.extract_features)
     T.create_model = timed("create_model_s", T.create_model)
-    import pneumo.models as models  # lr_find imports create_model and plot_lr_find when called
+    import pneumo.nets.models as models  # lr_find imports create_model and plot_lr_find when called
     import pneumo.plots as plots
     models.create_model = timed("create_model_s", models.create_model)
     plots.plot_lr_find = timed("plot_s", plots.plot_lr_find)
-    import pneumo.finish as finish  # train() imports finish_run from here when it needs it
+    import pneumo.train.finish as finish  # train() imports finish_run from here when it needs it
     finish.finish_run = timed("finish_s", finish.finish_run)
 
 
@@ -102,8 +102,8 @@ def run_pneumo(data: Path, workdir: Path, *, epochs: int, image_size: int, split
     import torch
 
     from pneumo.config import TrainConfig
-    from pneumo.lr_finder import lr_find
-    from pneumo.training import resolve_mode, train
+    from pneumo.train.lr_finder import lr_find
+    from pneumo.train.loop import resolve_mode, train
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

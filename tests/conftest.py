@@ -148,7 +148,7 @@ def one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One small model per test session, shared by the explain and serve tests."""
-    from pneumo.training import train
+    from pneumo.train.loop import train
     run = tmp_path_factory.getbasetemp() / "pneumo-model-64"
     if not (run / "model" / "model.safetensors").is_file():
         with one_torch_thread():

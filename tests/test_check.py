@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumo.check import check_dataset, format_check
+from pneumo.data.check import check_dataset, format_check
 from pneumo.cli import main
 from pneumo.errors import DataError
 

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 import pneumo
-from pneumo import compare
+from pneumo.compare import experiment as compare
 from pneumo.cli import main
-from pneumo.compare_plots import plot_error_vs_epoch, plot_error_vs_size, plot_error_vs_time, table_markdown
-from pneumo.data import discover, make_split
+from pneumo.compare.plots import plot_error_vs_epoch, plot_error_vs_size, plot_error_vs_time, table_markdown
+from pneumo.data.folders import discover, make_split
 from pneumo.errors import PneumoError
 
 SAMPLE = Path(pneumo.__file__).parent / "sample_data" / "chest_xray"
@@ -123,7 +123,7 @@ def test_finished_runs_are_skipped_and_json_output_is_clean(result, monkeypatch,
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("pneumo.training.train", no_training)
+    monkeypatch.setattr("pneumo.train.loop.train", no_training)
     code = main(["compare", str(SAMPLE), "--fractions", ",".join(map(str, FRACTIONS)), "--seeds", "1",
                  "--epochs", "1", "--image-size", "48", "--device", "cpu", "--out", str(out), "--json"])
     assert code == 0

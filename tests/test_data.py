@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo.cache import cache_key, decode_images
-from pneumo.data import (MIN_USABLE_VALID, Sample, discover, kermany_patient_id, make_split, patient_rule,
+from pneumo.data.cache import cache_key, decode_images
+from pneumo.data.folders import (MIN_USABLE_VALID, Sample, discover, kermany_patient_id, make_split, patient_rule,
                          patients_in_both, split_by_patient, split_random, subtype_of)
 from pneumo.errors import DataError, ImageError
-from pneumo.imaging import open_image, prepare
+from pneumo.data.imaging import open_image, prepare
 
 from conftest import KAGGLE_TREE, kermany_names
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pneumo.augment import augment_batch
+from pneumo.data.augment import augment_batch
 from pneumo.errors import TrainingError
-from pneumo.models import create_model, set_body_trainable
-from pneumo.phases import FullNetwork, HeadOnFeatures, make_optimizer
+from pneumo.nets.models import create_model, set_body_trainable
+from pneumo.train.phases import FullNetwork, HeadOnFeatures, make_optimizer
 
 aten = torch.ops.aten
 META = torch.device("meta")

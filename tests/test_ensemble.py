@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE_ROOT, one_torch_thread
-from pneumo.ensemble import make_ensemble
+from pneumo.infer.ensemble import make_ensemble
 from pneumo.errors import ModelError, PneumoError
-from pneumo.explain import explain_image
-from pneumo.model_io import EnsembleModel, load_model
-from pneumo.predict import evaluate_model_on_folder, predict_files
-from pneumo.training import train
+from pneumo.infer.explain import explain_image
+from pneumo.infer.model_folder import EnsembleModel, load_model
+from pneumo.infer.predict import evaluate_model_on_folder, predict_files
+from pneumo.train.loop import train
 
 FAST = dict(epochs=1, image_size=64, progress=False)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-import pneumo.evaluate as ev
+import pneumo.evaluation.metrics as ev
 from pneumo.errors import PneumoError
 
 # Ten images: five pneumonia (label 1), five normal (label 0).

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from pneumo.errors import ImageError, PneumoError
-from pneumo.explain import decide, explain_image, gradcam_heatmap, interpret_run
-from pneumo.imaging import prepare
-from pneumo.model_io import LoadedModel, ModelMeta, load_model
-from pneumo.models import BACKBONES, create_model
+from pneumo.infer.explain import decide, explain_image, gradcam_heatmap, interpret_run
+from pneumo.data.imaging import prepare
+from pneumo.infer.model_folder import LoadedModel, ModelMeta, load_model
+from pneumo.nets.models import BACKBONES, create_model
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "sample_data" / "chest_xray"
 from conftest import SHARED_DATA, one_torch_thread  # noqa: E402

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import pneumo
-from pneumo.lr_finder import find_lr, lr_find, minimum, range_test, steep, valley
-from pneumo.schedule import cosine, discriminative_lrs, one_cycle, one_cycle_momentum
+from pneumo.train.lr_finder import find_lr, lr_find, minimum, range_test, steep, valley
+from pneumo.train.schedule import cosine, discriminative_lrs, one_cycle, one_cycle_momentum
 
 SAMPLE = Path(pneumo.__file__).parent / "sample_data" / "chest_xray"
 
@@ -64,8 +64,8 @@ def test_range_test_stops_when_the_loss_diverges():
 
 
 def test_lr_find_restores_the_weights_it_perturbed(tmp_path):
-    from pneumo.phases import HeadOnFeatures, make_optimizer
-    from pneumo.models import create_model
+    from pneumo.train.phases import HeadOnFeatures, make_optimizer
+    from pneumo.nets.models import create_model
     model = create_model("efficientnet_lite0", pretrained="none")
     feats = torch.randn(1, 256, model.head[0].num_features)
     y = (feats[0, :, 0] > 0).long()

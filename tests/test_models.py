@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from pneumo.errors import PneumoError, WeightsError
-from pneumo.models import BACKBONES, create_model, set_body_trainable
-from pneumo.weights import _match_by_position, read_state_dict, wheel_state_dict
+from pneumo.nets.models import BACKBONES, create_model, set_body_trainable
+from pneumo.nets.weights import _match_by_position, read_state_dict, wheel_state_dict
 
 
 @pytest.mark.parametrize("arch", list(BACKBONES))
@@ -119,7 +119,7 @@ def test_the_body_is_its_chain_of_stages_so_any_cut_gives_the_same_logits(arch):
 @pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18"])
 def test_folding_batchnorm_into_the_convolutions_keeps_the_outputs(arch):
     """Features are computed by a copy with BatchNorm folded in: it must give what the model gives."""
-    from pneumo.features import fold_batchnorm
+    from pneumo.train.features import fold_batchnorm
 
     torch.manual_seed(0)
     model = create_model(arch, pretrained="none").eval()
@@ -137,3 +137,21 @@ def test_folding_batchnorm_into_the_convolutions_keeps_the_outputs(arch):
         for n in (0, 2):
             a, b = model.features_before(x, n), folded.features_before(x, n)
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+
+
+@pytest.mark.parametrize("arch, early_last, late_first", [
+    ("efficientnet_lite0", "blocks.3", "blocks.4"),   # stem + 4 MBConv stages | 3 stages + 1x1 head conv
+    ("resnet18", "layer2", "layer3"),                 # fastai's cut: stem..layer2 | layer3, layer4
+])
+def test_parameter_groups_cut_the_body_between_stages(arch: str, early_last: str, late_first: str) -> None:
+    model = create_model(arch, 2, pretrained="none")
+    early, late, head = model.parameter_groups()
+    names = {id(p): n for n, p in model.named_parameters()}
+    body = [n for n, _ in model.body.named_parameters()]
+    assert sorted(names[id(p)] for p in early + late) == sorted(f"body.{n}" for n in body)  # each once
+    assert {id(p) for p in head} == {id(p) for p in model.head.parameters()}
+    assert any(names[id(p)].startswith(f"body.{early_last}.") for p in early)
+    assert not any(names[id(p)].startswith(f"body.{late_first}.") for p in early)
+    assert any(names[id(p)].startswith(f"body.{late_first}.") for p in late)
+    share = sum(p.numel() for p in early) / sum(p.numel() for p in early + late)
+    assert 0.05 < share < 0.6  # not the lopsided halving of body.children() (early held ~all)

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 import pneumo
-from pneumo.cache import decode_images
+from pneumo.data.cache import decode_images
 from pneumo.cli import main
-from pneumo.imaging import prepare
-from pneumo.models import create_model
-from pneumo.predict import evaluate_model_on_folder, predict_files
-from pneumo.training import train
+from pneumo.data.imaging import prepare
+from pneumo.nets.models import create_model
+from pneumo.infer.predict import evaluate_model_on_folder, predict_files
+from pneumo.train.loop import train
 
 SAMPLE = Path(pneumo.__file__).parent / "sample_data" / "chest_xray"
 FIXTURE = json.loads((Path(__file__).parent / "data" / "regression.json").read_text())

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pneumo.evaluate as ev
+import pneumo.evaluation.metrics as ev
 from pneumo.errors import PneumoError
-from pneumo.report import worst_mistakes, write_report
+from pneumo.report.html import worst_mistakes, write_report
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
 P10 = np.array([0.95, 0.85, 0.70, 0.45, 0.30, 0.60, 0.40, 0.20, 0.15, 0.05])

@@ -16,13 +16,13 @@ from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from pneumo.imaging import prepare
-from pneumo.model_io import load_model
-from pneumo.serve import InferencePool, create_app
+from pneumo.data.imaging import prepare
+from pneumo.infer.model_folder import load_model
+from pneumo.serve.app import InferencePool, create_app
 
 from conftest import one_torch_thread  # noqa: E402
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "sample_data" / "chest_xray"
-STATIC = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "static"
+STATIC = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "serve" / "static"
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -42,7 +42,7 @@ def server(trained_run: Path):
     """uvicorn on loopback with a free port, in a thread; stopped when the module's tests end."""
     import uvicorn
 
-    from pneumo.serve import create_app
+    from pneumo.serve.app import create_app
 
     port = free_port()
     config = uvicorn.Config(create_app(trained_run / "model"), host="127.0.0.1", port=port, log_level="warning")

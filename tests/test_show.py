@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pneumo.cache
+import pneumo.data.cache
 import pneumo.plots
 from pneumo.cli import main
 from pneumo.errors import PneumoError
-from pneumo.show import show_batch
+from pneumo.data.show import show_batch
 
 from conftest import KAGGLE_TREE
 
@@ -29,7 +29,7 @@ def flat_root(tmp_path: Path, make_tree) -> Path:
 def drawn(monkeypatch):
     """Record what show_batch decodes and draws, while still writing the real PNG."""
     seen: dict = {"paths": []}
-    real_decode, real_grid = pneumo.cache.decode_images, pneumo.plots.plot_image_grid
+    real_decode, real_grid = pneumo.data.cache.decode_images, pneumo.plots.plot_image_grid
 
     def decode(paths, *args, **kwargs):
         seen["paths"] += [Path(p) for p in paths]
@@ -39,7 +39,7 @@ def drawn(monkeypatch):
         seen.update(images=[np.asarray(i).copy() for i in images], titles=list(titles), **kwargs)
         return real_grid(images, titles, path, **kwargs)
 
-    monkeypatch.setattr(pneumo.cache, "decode_images", decode)
+    monkeypatch.setattr(pneumo.data.cache, "decode_images", decode)
     monkeypatch.setattr(pneumo.plots, "plot_image_grid", grid)
     return seen
 

@@ -15,8 +15,8 @@ import torch
 
 import pneumo
 from pneumo.errors import PneumoError, TrainingError
-from pneumo.model_io import load_model
-from pneumo.training import StopRequested, train
+from pneumo.infer.model_folder import load_model
+from pneumo.train.loop import StopRequested, train
 
 SAMPLE = Path(pneumo.__file__).parent / "sample_data" / "chest_xray"
 FAST = dict(image_size=64, progress=False, seed=3)
@@ -41,7 +41,7 @@ def test_a_run_writes_everything_a_user_needs(run):
     assert meta["classes"] == ["NORMAL", "PNEUMONIA"] and meta["image_size"] == 64
     assert 0 < meta["threshold"] < 1 and meta["positive_class"] == "PNEUMONIA"
     split = json.loads((run.run_dir / "split.json").read_text())
-    from pneumo.data import kermany_patient_id
+    from pneumo.data.folders import kermany_patient_id
     train_patients = {kermany_patient_id(Path(p).name) for p in split["train"]}
     assert not train_patients & {kermany_patient_id(Path(p).name) for p in split["valid"]}
     assert not any("/test/" in p for p in split["train"] + split["valid"])  # test split never touched
@@ -51,7 +51,7 @@ def test_saved_model_predicts_in_a_fresh_cpu_only_process_as_in_training(run, tm
     """No user code, no pickle, no GPU: the folder alone gives the validation predictions again."""
     rows = [line.split(",") for line in (run.run_dir / "valid_predictions.csv").read_text().splitlines()[1:6]]
     script = (
-        "import json, sys; from pneumo.predict import predict_files; "
+        "import json, sys; from pneumo.infer.predict import predict_files; "
         f"rows = predict_files({str(run.model_dir)!r}, {[r[0] for r in rows]!r}, progress=False); "
         "print(json.dumps(rows))")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PNEUMO_CACHE": str(tmp_path / "cache")}
@@ -113,7 +113,7 @@ def test_trainable_stages_learn_on_cached_maps_and_resume_exactly(tmp_path):
     resumed = train(resume=True, out=str(tmp_path / "killed"), progress=False)
     assert strip_time(resumed.history) == strip_time(whole.history)
     rows = [line.split(",") for line in (whole.run_dir / "valid_predictions.csv").read_text().splitlines()[1:]]
-    from pneumo.predict import predict_files
+    from pneumo.infer.predict import predict_files
     fresh = predict_files(whole.model_dir, [r[0] for r in rows], progress=False)
     assert [f["p_PNEUMONIA"] for f in fresh] == pytest.approx([float(r[4]) for r in rows], abs=1e-4)
 
@@ -167,7 +167,7 @@ def test_seeded_runs_repeat(run, tmp_path):
 
 def test_the_top_level_api_stays_callable_after_submodule_imports():
     """`pneumo.lr_find(...)` then `pneumo.train(...)`: the tutorial's order must keep working."""
-    import pneumo.lr_finder
-    import pneumo.training
-    assert pneumo.train is pneumo.training.train and pneumo.lr_find is pneumo.lr_finder.lr_find
+    import pneumo.train.lr_finder
+    import pneumo.train.loop
+    assert pneumo.train is pneumo.train.loop.train and pneumo.lr_find is pneumo.train.lr_finder.lr_find
     assert callable(pneumo.evaluate_model) and callable(pneumo.load_model) and callable(pneumo.create_model)

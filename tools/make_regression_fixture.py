@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from pneumo.data import discover
-from pneumo.imaging import prepare
-from pneumo.models import create_model
+from pneumo.data.folders import discover
+from pneumo.data.imaging import prepare
+from pneumo.nets.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "src" / "pneumo" / "sample_data" / "chest_xray"

@@ -12,7 +12,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from pneumo.data import kermany_patient_id, subtype_of
+from pneumo.data.folders import kermany_patient_id, subtype_of
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "sample_data" / "chest_xray"
 PER_CLASS = {"train": 100, "test": 30}

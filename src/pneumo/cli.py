@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pneumo import __version__
+from pneumo.version import __version__
 from pneumo.config import TrainConfig as D  # the defaults the help texts quote
 from pneumo.errors import PneumoError
 
@@ -25,14 +25,14 @@ def emit_json(obj: Any) -> None:
 # handlers
 # --------------------------------------------------------------------------------------------
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from pneumo.check import check_dataset, format_check
+    from pneumo.data.check import check_dataset, format_check
     report = check_dataset(args.path, patient_rule=args.patient_rule, progress=not args.json)
     emit_json(report) if args.json else print(format_check(report))
     return 1 if report["errors"] else 0
 
 
 def cmd_show_batch(args: argparse.Namespace) -> int:
-    from pneumo.show import show_batch
+    from pneumo.data.show import show_batch
     path = show_batch(args.path, args.out, rows=args.rows, cols=args.cols, image_size=args.image_size,
                       augment=not args.no_augment, seed=args.seed)
     print(f"batch written to {path}")
@@ -50,7 +50,7 @@ def training_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from pneumo.lr_finder import lr_find
+    from pneumo.train.lr_finder import lr_find
     result = lr_find(args.data, out=args.out, start_lr=args.start_lr, end_lr=args.end_lr, num_it=args.num_it,
                      method=args.suggest, progress=not args.json, **training_options(args))
     plot = Path(args.out or "runs/lr_find") / "lr_find.png"
@@ -64,7 +64,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pneumo.training import train
+    from pneumo.train.loop import train
     if args.resume:
         if not args.out:
             raise PneumoError("--resume needs --out RUN_DIR (the folder of the run to continue)")
@@ -96,7 +96,7 @@ def print_validation(evaluation: dict) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pneumo.predict import evaluate_model_on_folder, format_evaluation
+    from pneumo.infer.predict import evaluate_model_on_folder, format_evaluation
     report = evaluate_model_on_folder(args.model, args.data, out=args.out, split=args.split, tta=args.tta,
                                       progress=not args.json)
     emit_json(report) if args.json else print(format_evaluation(report))
@@ -104,14 +104,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pneumo.predict import predict_files, write_predictions
+    from pneumo.infer.predict import predict_files, write_predictions
     rows = predict_files(args.model, args.paths, tta=args.tta, progress=not (args.json or args.csv))
     write_predictions(rows, fmt="json" if args.json else "csv" if args.csv else "table", stream=sys.stdout)
     return 1 if rows and all(r.get("error") for r in rows) else 0
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from pneumo.ensemble import make_ensemble
+    from pneumo.infer.ensemble import make_ensemble
     report = make_ensemble(args.runs, args.out, threshold=args.threshold)
     if args.json:
         emit_json(report)
@@ -122,13 +122,13 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pneumo.report import write_report
+    from pneumo.report.html import write_report
     print(f"report written to {write_report(Path(args.run), Path(args.out) if args.out else None)}")
     return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from pneumo.explain import explain_image
+    from pneumo.infer.explain import explain_image
     result = explain_image(args.model, args.image, args.out, target_class=args.target_class, alpha=args.alpha,
                            cmap=args.cmap)
     emit_json(result) if args.json else print(
@@ -138,7 +138,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_interpret(args: argparse.Namespace) -> int:
-    from pneumo.explain import interpret_run
+    from pneumo.infer.explain import interpret_run
     result = interpret_run(args.run, out=args.out, k=args.k)
     emit_json(result) if args.json else print(f"top losses: {result['top_losses_png']}\n"
                                               f"confusion matrix: {result['confusion_matrix_png']}")
@@ -146,14 +146,14 @@ def cmd_interpret(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pneumo.serve import serve
+    from pneumo.serve.app import serve
     serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
           inference_workers=args.workers, queue_limit=args.queue)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pneumo.compare import run_compare
+    from pneumo.compare.experiment import run_compare
     result = run_compare(args.data, archs=args.arch, fractions=args.fractions, seeds=args.seeds,
                          epochs=args.epochs, out=args.out, target_error=args.target_error,
                          weights=args.weights, image_size=args.image_size, device=args.device,
@@ -163,7 +163,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from pneumo.models import BACKBONES
+    from pneumo.nets.models import BACKBONES
     rows = [{"name": b.name, "weights": b.weights, "note": b.note, "trainable_stages": b.last_stages}
             for b in BACKBONES.values()]
     if args.json:

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pneumo.errors import ImageError
-from pneumo.imaging import prepare
+from pneumo.data.imaging import prepare
 from pneumo.io_utils import atomic_write_json
 
 PREPROCESS_VERSION = 1

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from pneumo.errors import ModelError, PneumoError
-from pneumo.imaging import open_image, prepare, to_grey_uint8
-from pneumo.model_io import EnsembleModel, LoadedModel, load_model
-from pneumo.models import XrayNet
+from pneumo.data.imaging import open_image, prepare, to_grey_uint8
+from pneumo.infer.model_folder import EnsembleModel, LoadedModel, load_model
+from pneumo.nets.models import XrayNet
 from pneumo.plots import VERMILLION, plot_confusion_matrix, plot_heatmap_overlay, plot_image_grid
 
 DEFAULT_CMAP = "viridis"  # perceptually uniform and colour-blind safe

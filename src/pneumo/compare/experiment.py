@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from pneumo.data import Sample, discover, make_split
+from pneumo.data.folders import Sample, discover, make_split
 from pneumo.errors import DataError, PneumoError
 from pneumo.io_utils import atomic_write_json
 
@@ -105,7 +105,7 @@ def materialise(folder: Path, classes: Sequence[str], train: Sequence[Sample], v
 
 def warm_decode_cache(folder: Path, image_size: int) -> float:
     """Decode a subset once before any arm is timed, so no arm pays (or skips) JPEG decoding alone."""
-    from pneumo.cache import decode_images
+    from pneumo.data.cache import decode_images
 
     t0 = time.perf_counter()
     ds = discover(folder)
@@ -123,7 +123,7 @@ def batch_size_for(n_train: int, largest: int = 64) -> int:
 def run_one(spec: RunSpec, subset_dir: Path, run_dir: Path, *, epochs: int, image_size: int,
             weights: str | None, device: str, batch_size: int) -> dict:
     """Train one arm on one subset; wall time split into setup, epochs and end-of-run evaluation."""
-    from pneumo.training import train
+    from pneumo.train.loop import train
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a run killed midway restarts: its clock would be wrong
     pretrained = ARMS[spec.arm]
@@ -184,8 +184,8 @@ def run_compare(data: str | Path, archs: Sequence[str] = ("efficientnet_lite0",)
 
     Runs whose record is in ``OUT/runs/<name>.json`` are not trained again.
     """
-    from pneumo.models import get_backbone
-    from pneumo.training import resolve_device
+    from pneumo.nets.models import get_backbone
+    from pneumo.train.loop import resolve_device
 
     archs, fractions = list(dict.fromkeys(archs)), sorted({float(f) for f in fractions})
     for arch in archs:
@@ -238,7 +238,7 @@ def run_compare(data: str | Path, archs: Sequence[str] = ("efficientnet_lite0",)
               "n_valid_per_class": dict(Counter(dataset.classes[s.label] for s in split.valid)),
               "min_steps_per_epoch": MIN_STEPS_PER_EPOCH, "max_batch_size": max_batch_size,
               "skipped_existing": skipped}
-    from pneumo.compare_plots import write_outputs  # matplotlib loads only once there is something to draw
+    from pneumo.compare.plots import write_outputs  # matplotlib loads only once there is something to draw
     paths = write_outputs(out, records, summary, design)
     return {"answer": summary["answer"], "report": str(paths["report"]), "csv": str(paths["csv"]),
             "table": summary["table"], "target_error": summary["targets"],

@@ -15,12 +15,12 @@ from typing import Sequence
 
 import numpy as np
 
-from pneumo.data import Sample, subtype_of
+from pneumo.data.folders import Sample, subtype_of
 from pneumo.errors import PneumoError
-from pneumo.evaluate import choose_threshold, evaluate_predictions, positive_index, write_evaluation_figures
-from pneumo.finish import add_test_balance, write_predictions_csv
+from pneumo.evaluation.metrics import choose_threshold, evaluate_predictions, positive_index, write_evaluation_figures
+from pneumo.train.finish import add_test_balance, write_predictions_csv
 from pneumo.io_utils import atomic_write_json
-from pneumo.model_io import ModelMeta, load_model
+from pneumo.infer.model_folder import ModelMeta, load_model
 
 
 def read_valid_predictions(run_dir: Path) -> tuple[list[dict], list[str]]:

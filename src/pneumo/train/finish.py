@@ -11,12 +11,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pneumo.config import TrainConfig
-from pneumo.data import subtype_of
-from pneumo.evaluate import (binary_metrics, choose_threshold, evaluate_predictions, fit_temperature,
+from pneumo.data.folders import subtype_of
+from pneumo.evaluation.metrics import (binary_metrics, choose_threshold, evaluate_predictions, fit_temperature,
                              positive_index, prevalence_weights, softmax, write_evaluation_figures)
 from pneumo.io_utils import atomic_write_json, atomic_write_text
-from pneumo.model_io import LoadedModel, ModelMeta, save_model
-from pneumo.models import XrayNet
+from pneumo.infer.model_folder import LoadedModel, ModelMeta, save_model
+from pneumo.nets.models import XrayNet
 from pneumo.plots import plot_training_curves
 
 TEST_SPLIT_POSITIVE_FRACTION = 390 / 624  # Kaggle's official test split: 390 pneumonia, 234 normal
@@ -39,7 +39,7 @@ def add_test_balance(report: dict, p_pos: np.ndarray, labels: np.ndarray, pos: i
 
 def finish_run(cfg: TrainConfig, run_dir: Path, model: XrayNet, data, history: list[dict],
                device: torch.device, valid_logits: torch.Tensor | None, progress: bool):
-    from pneumo.training import RunResult
+    from pneumo.train.loop import RunResult
 
     model.eval()
     classes = data.classes

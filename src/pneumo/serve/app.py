@@ -28,11 +28,11 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
-from pneumo import __version__
+from pneumo.version import __version__
 from pneumo.errors import ImageError, PneumoError
-from pneumo.explain import DEFAULT_CMAP, gradcam_heatmap
-from pneumo.imaging import MAX_PIXELS, open_image, prepare, to_grey_uint8
-from pneumo.model_io import LoadedModel, load_model
+from pneumo.infer.explain import DEFAULT_CMAP, gradcam_heatmap
+from pneumo.data.imaging import MAX_PIXELS, open_image, prepare, to_grey_uint8
+from pneumo.infer.model_folder import LoadedModel, load_model
 from pneumo.plots import overlay_heatmap_array
 
 STATIC = Path(__file__).parent / "static"
@@ -46,7 +46,7 @@ SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
 }
-log = logging.getLogger("pneumo.serve")
+log = logging.getLogger("pneumo.serve.app")
 
 
 class BodyLimit:

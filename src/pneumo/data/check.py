@@ -19,10 +19,10 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pneumo.data import MIN_USABLE_VALID, SPLIT_ALIASES, ChestXrayFolder, discover, subtype_of
-from pneumo.data import patient_rule as resolve_patient_rule
+from pneumo.data.folders import MIN_USABLE_VALID, SPLIT_ALIASES, ChestXrayFolder, discover, subtype_of
+from pneumo.data.folders import patient_rule as resolve_patient_rule
 from pneumo.errors import DataError, ImageError
-from pneumo.imaging import open_image
+from pneumo.data.imaging import open_image
 
 IMBALANCE_RATIO = 1.5  # largest / smallest class above this earns a warning
 MODE_BITS = {"1": 1, "L": 8, "P": 8, "LA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "YCbCr": 8,

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pneumo.augment import augment_batch
+from pneumo.data.augment import augment_batch
 from pneumo.errors import TrainingError
-from pneumo.models import XrayNet
-from pneumo.schedule import one_cycle, one_cycle_momentum
+from pneumo.nets.models import XrayNet
+from pneumo.train.schedule import one_cycle, one_cycle_momentum
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo.data import discover
+from pneumo.data.folders import discover
 from pneumo.errors import DataError, PneumoError
 
 
@@ -24,8 +24,8 @@ def show_batch(path: str | Path, out: str | Path, rows: int = 3, cols: int | Non
     """
     import torch  # heavy: only when a batch is drawn
 
-    from pneumo.augment import augment_batch
-    from pneumo.cache import decode_images
+    from pneumo.data.augment import augment_batch
+    from pneumo.data.cache import decode_images
     from pneumo.plots import plot_image_grid
 
     cols = rows if cols is None else cols

@@ -29,15 +29,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pneumo.cache import decode_images
+from pneumo.data.cache import decode_images
 from pneumo.config import TrainConfig
-from pneumo.data import Sample, discover, make_split
+from pneumo.data.folders import Sample, discover, make_split
 from pneumo.errors import PneumoError
-from pneumo.features import adapt_batchnorm, extract_features
+from pneumo.train.features import adapt_batchnorm, extract_features
 from pneumo.io_utils import atomic_write, atomic_write_json, atomic_write_text
-from pneumo.models import XrayNet, create_model, set_body_trainable
-from pneumo.phases import FullNetwork, HeadOnFeatures, Phase, make_optimizer
-from pneumo.schedule import discriminative_lrs
+from pneumo.nets.models import XrayNet, create_model, set_body_trainable
+from pneumo.train.phases import FullNetwork, HeadOnFeatures, Phase, make_optimizer
+from pneumo.train.schedule import discriminative_lrs
 
 METRIC_FIELDS = ["epoch", "phase", "train_loss", "valid_loss", "error_rate", "time"]
 
@@ -240,7 +240,7 @@ def train(data: str | Path | None = None, *, resume: bool = False, progress: boo
                 raise StopRequested(f"stopped after epoch {len(history)} as asked")
         start_phase, start_epoch = phase_index + 1, 0
 
-    from pneumo.finish import finish_run  # evaluation and model export
+    from pneumo.train.finish import finish_run  # evaluation and model export
     if cfg.tta:
         valid_logits = None  # predict afresh with flipped copies
     return finish_run(cfg, run_dir, model, data_, history, run.device, valid_logits, progress)
@@ -334,7 +334,7 @@ def frozen_phase_groups(model: XrayNet, cfg: TrainConfig, with_body_bn: bool = F
 
 def features_key(cfg: TrainConfig, data: TrainData) -> str:
     """Everything the cached features depend on: backbone, weights, images, size, adaptation, views."""
-    from pneumo.cache import cache_key
+    from pneumo.data.cache import cache_key
     weights = cfg.weights and Path(cfg.weights)
     stamp = f"{weights}:{weights.stat().st_mtime_ns}" if weights and weights.exists() else str(weights)
     parts = [cfg.arch, cfg.pretrained, stamp, cfg.image_size, cfg.bn_adapt_images, cfg.bn_adapt_batch_size,
@@ -350,7 +350,7 @@ def cached_features(cfg: TrainConfig, model: XrayNet, data: TrainData, device: t
     Stored with the adapted body in the run folder (a resumed run skips both passes) and in the
     shared cache (``lr-find`` then ``train``, or runs that differ only in the head, compute them once).
     """
-    from pneumo.cache import default_cache_dir
+    from pneumo.data.cache import default_cache_dir
     key = features_key(cfg, data)
     path = run_dir / "checkpoints" / "features.pt"
     shared = default_cache_dir() / f"features-{key}.pt"

@@ -12,11 +12,11 @@ from typing import IO, Sequence
 
 import numpy as np
 
-from pneumo.data import discover, is_image_file, subtype_of
+from pneumo.data.folders import discover, is_image_file, subtype_of
 from pneumo.errors import DataError, PneumoError
-from pneumo.evaluate import evaluate_predictions, write_evaluation_figures
+from pneumo.evaluation.metrics import evaluate_predictions, write_evaluation_figures
 from pneumo.io_utils import atomic_write_json
-from pneumo.model_io import LoadedModel, load_model
+from pneumo.infer.model_folder import LoadedModel, load_model
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:

@@ -16,10 +16,9 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax as _softmax
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
+from pneumo.decision import THRESHOLD_METHODS, parse_threshold_method  # noqa: F401 (re-exported)
 from pneumo.errors import PneumoError
 
-THRESHOLD_METHODS = ("'youden', 'sensitivity:<target in (0,1]>' (e.g. 'sensitivity:0.95') "
-                     "or 'fixed:<t in [0,1]>' (e.g. 'fixed:0.5')")
 MAX_ROC_POINTS = 200
 
 
@@ -129,27 +128,6 @@ def multiclass_metrics(probs: np.ndarray, labels: np.ndarray, classes: Sequence[
 
 
 # ---------------------------------------------------------------- thresholds and prevalence
-
-def parse_threshold_method(method: str) -> tuple[str, float | None]:
-    """``'youden'`` -> (youden, None); ``'sensitivity:0.95'`` / ``'fixed:0.5'`` -> (kind, value).
-
-    Public so a command line can reject a bad value before hours of training, not after.
-    """
-    kind, sep, arg = str(method).strip().lower().partition(":")
-    if kind == "youden" and not sep:
-        return kind, None
-    if kind not in ("sensitivity", "fixed") or not arg:
-        raise PneumoError(f"unknown threshold method {method!r}: use {THRESHOLD_METHODS}")
-    try:
-        value = float(arg)
-    except ValueError:
-        raise PneumoError(f"threshold method {method!r}: {arg!r} is not a number") from None
-    if kind == "fixed" and not 0.0 <= value <= 1.0:
-        raise PneumoError(f"threshold method {method!r}: the fixed threshold must lie in [0, 1]")
-    if kind == "sensitivity" and not 0.0 < value <= 1.0:
-        raise PneumoError(f"threshold method {method!r}: the target sensitivity must lie in (0, 1]")
-    return kind, value
-
 
 def choose_threshold(p_pos: np.ndarray, labels: np.ndarray, method: str, pos: int = 1) -> float:
     """Operating threshold by rule: ``youden``, ``sensitivity:0.95`` or ``fixed:0.5``."""

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from pneumo.errors import PneumoError
-from pneumo.imaging import open_image, to_grey_uint8
+from pneumo.data.imaging import open_image, to_grey_uint8
 from pneumo.io_utils import atomic_write_text
 
 N_WORST = 12

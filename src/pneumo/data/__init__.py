@@ -1,0 +1,1 @@
+"""Chest X-ray data as the domain sees it: folders, classes, patients, splits, checks, one preprocessing path."""

@@ -1,0 +1,43 @@
+"""The decision rule, owned here and nowhere else.
+
+A two-class model calls the positive class when p(positive) reaches its stored threshold; any other
+model takes the most probable class. The threshold is chosen on validation by a named rule
+(``youden``, ``sensitivity:0.95``, ``fixed:0.5``), parsed here so that a typo is refused when a
+training run is configured, not after its last epoch.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pneumo.errors import PneumoError
+
+THRESHOLD_METHODS = ("'youden', 'sensitivity:<target in (0,1]>' (e.g. 'sensitivity:0.95') "
+                     "or 'fixed:<threshold in [0,1]>' (e.g. 'fixed:0.5')")
+
+
+def parse_threshold_method(method: str) -> tuple[str, float | None]:
+    """``'youden'`` -> (youden, None); ``'sensitivity:0.95'`` / ``'fixed:0.5'`` -> (kind, value)."""
+    kind, sep, arg = str(method).strip().lower().partition(":")
+    if kind == "youden" and not sep:
+        return kind, None
+    if kind not in ("sensitivity", "fixed") or not arg:
+        raise PneumoError(f"unknown threshold method {method!r}: use {THRESHOLD_METHODS}")
+    try:
+        value = float(arg)
+    except ValueError:
+        raise PneumoError(f"threshold method {method!r}: {arg!r} is not a number") from None
+    if kind == "fixed" and not 0.0 <= value <= 1.0:
+        raise PneumoError(f"threshold method {method!r}: the fixed threshold must lie in [0, 1]")
+    if kind == "sensitivity" and not 0.0 < value <= 1.0:
+        raise PneumoError(f"threshold method {method!r}: the target sensitivity must lie in (0, 1]")
+    return kind, value
+
+
+def decide(probs: np.ndarray, positive: int | None, threshold: float | None) -> np.ndarray:
+    """Class indices for probabilities ``(N, K)``: the threshold on p(positive) when the model is
+    binary with a positive class, else argmax. ``probs`` must be exactly what the model gave (the
+    run folder stores them at full precision, so a reader re-deciding gets the model's answer)."""
+    probs = np.asarray(probs)
+    if positive is not None and threshold is not None and probs.shape[1] == 2:
+        return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
+    return probs.argmax(axis=1)

@@ -1,0 +1,1 @@
+"""Figures a clinician asks for, as pure functions over predictions; no model code here."""

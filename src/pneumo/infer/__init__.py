@@ -1,0 +1,1 @@
+"""Using a trained model: the model folder, predictions, Grad-CAM and ensembles."""

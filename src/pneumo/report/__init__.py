@@ -1,0 +1,1 @@
+"""Reading a finished run: the offline HTML page and the top-losses interpretation."""
