@@ -6,21 +6,28 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.pneumo-installed
 
-.PHONY: install demo test bench-extra clean
+.PHONY: install demo test lint bench-extra clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile tools/install_browser.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH)
-	$(PIP) install -q --disable-pip-version-check -e ".[test]"
+	$(PIP) install -q --disable-pip-version-check -e ".[test,tensorboard,mlflow]"
 	bash tools/install_browser.sh $(VENV) || echo "warning: Chromium not installed; the browser test will be skipped"
 	touch $(STAMP)
 
 demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tools/demo.sh
 
-test: install
+# The layers (import-linter contracts in pyproject.toml) and ruff's lint and format checks come first:
+# a module that imports a layer above it, or an import cycle, fails `make test` like a failing test.
+lint: install
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check src tests bench tools
+	$(VENV)/bin/ruff format --check src tests bench tools
+
+test: lint
 	$(PY) -m pytest -q
 
 bench-extra: install

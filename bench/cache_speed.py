@@ -11,6 +11,7 @@ Prints one JSON object::
     .venv/bin/python bench/cache_speed.py                      # 5,216 images of chest_xray_224/train
     .venv/bin/python bench/cache_speed.py --limit 500 --json-out bench/cache_speed.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -82,16 +83,25 @@ def run(data: Path, size: int, limit: int | None, progress: bool) -> dict:
         assert hit.from_cache and again.from_cache and not cold.from_cache
         hit_s = open_s + warm_read_s
         return {
-            "data": str(data), "images": len(paths), "image_size": size, "unreadable": len(cold.errors),
-            "cpus": os.cpu_count(), "python": platform.python_version(), "source_pages_evicted": evicted,
-            "first_pass_s": round(cold_s, 3), "first_pass_images_per_s": round(len(paths) / cold_s, 1),
+            "data": str(data),
+            "images": len(paths),
+            "image_size": size,
+            "unreadable": len(cold.errors),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "source_pages_evicted": evicted,
+            "first_pass_s": round(cold_s, 3),
+            "first_pass_images_per_s": round(len(paths) / cold_s, 1),
             "second_pass_s": round(hit_s, 4),  # open the hit and read every pixel (page cache warm)
             "second_pass_open_only_s": round(open_s, 4),  # what decode_images itself takes on a hit
             "second_pass_evicted_s": round(disk_read_s, 4),  # the same after evicting the cache file
-            "speedup": round(cold_s / hit_s, 1), "speedup_evicted": round(cold_s / disk_read_s, 1),
-            "cache_bytes": cache_bytes, "cache_mib": round(cache_bytes / 2**20, 1),
+            "speedup": round(cold_s / hit_s, 1),
+            "speedup_evicted": round(cold_s / disk_read_s, 1),
+            "cache_bytes": cache_bytes,
+            "cache_mib": round(cache_bytes / 2**20, 1),
             "cache_files": [f.name for f in cache_files],
-            "source_bytes": source_bytes, "source_mib": round(source_bytes / 2**20, 1),
+            "source_bytes": source_bytes,
+            "source_mib": round(source_bytes / 2**20, 1),
         }
 
 
@@ -108,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     if args.json_out:
         from pneumo.io_utils import atomic_write_text
+
         atomic_write_text(args.json_out, text + "\n")
     return 0
 

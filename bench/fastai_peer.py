@@ -11,6 +11,7 @@ frozen as ``vision_learner(pretrained=True)`` does (BatchNorm layers keep traini
 
 Run it alone with ``--split-json RUN/split.json`` (pneumo's run folder); prints one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,16 +21,18 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def peak_memory_mb(device: str) -> dict[str, float]:
     """Process RSS high-water (and DataLoader workers') on the CPU; allocated GPU memory on CUDA."""
     import torch
 
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "peak_rss_workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    out = {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
     if device.startswith("cuda"):
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -43,15 +46,38 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run_fastai(train_paths: Sequence[str], valid_paths: Sequence[str], *, epochs: int = 8, lr: float = 3e-3,
-               image_size: int = 224, batch_size: int = 64, device: str = "cpu", workers: int | None = None,
-               lr_find_iters: int = 100, skip_lr_find: bool = False, fp16: bool = False, seed: int = 42,
-               workdir: str | Path | None = None) -> dict:
+def run_fastai(
+    train_paths: Sequence[str],
+    valid_paths: Sequence[str],
+    *,
+    epochs: int = 8,
+    lr: float = 3e-3,
+    image_size: int = 224,
+    batch_size: int = 64,
+    device: str = "cpu",
+    workers: int | None = None,
+    lr_find_iters: int = 100,
+    skip_lr_find: bool = False,
+    fp16: bool = False,
+    seed: int = 42,
+    workdir: str | Path | None = None,
+) -> dict:
     """Time fastai's ``lr_find`` and ``fit_one_cycle`` on these files; labels are the parent folder names."""
     import pandas as pd
     import torch
-    from fastai.vision.all import (CategoryBlock, ColReader, ColSplitter, DataBlock, ImageBlock, Normalize,
-                                   Resize, aug_transforms, error_rate, set_seed, vision_learner)
+    from fastai.vision.all import (
+        CategoryBlock,
+        ColReader,
+        ColSplitter,
+        DataBlock,
+        ImageBlock,
+        Normalize,
+        Resize,
+        aug_transforms,
+        error_rate,
+        set_seed,
+        vision_learner,
+    )
 
     from pneumo.nets.models import get_backbone
     from pneumo.nets.weights import load_pretrained_body
@@ -62,12 +88,22 @@ def run_fastai(train_paths: Sequence[str], valid_paths: Sequence[str], *, epochs
         torch.cuda.reset_peak_memory_stats()
     t_setup = time.perf_counter()
     paths = [str(p) for p in list(train_paths) + list(valid_paths)]
-    df = pd.DataFrame({"path": paths, "label": [Path(p).parent.name for p in paths],
-                       "is_valid": [False] * len(train_paths) + [True] * len(valid_paths)})
+    df = pd.DataFrame(
+        {
+            "path": paths,
+            "label": [Path(p).parent.name for p in paths],
+            "is_valid": [False] * len(train_paths) + [True] * len(valid_paths),
+        }
+    )
     backbone = get_backbone("efficientnet_lite0")
-    block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_x=ColReader("path"), get_y=ColReader("label"),
-                      splitter=ColSplitter("is_valid"), item_tfms=Resize(image_size),
-                      batch_tfms=[*aug_transforms(), Normalize.from_stats(backbone.mean, backbone.std)])
+    block = DataBlock(
+        blocks=(ImageBlock, CategoryBlock),
+        get_x=ColReader("path"),
+        get_y=ColReader("label"),
+        splitter=ColSplitter("is_valid"),
+        item_tfms=Resize(image_size),
+        batch_tfms=[*aug_transforms(), Normalize.from_stats(backbone.mean, backbone.std)],
+    )
     loader_args = {} if workers is None else {"num_workers": workers}
     dls = block.dataloaders(df, bs=batch_size, device=torch.device(device), **loader_args)
     learn = vision_learner(dls, backbone.timm_name, pretrained=False, metrics=error_rate, path=workdir)
@@ -77,8 +113,13 @@ def run_fastai(train_paths: Sequence[str], valid_paths: Sequence[str], *, epochs
         learn.to_fp16()
     setup_s = time.perf_counter() - t_setup
 
-    result: dict = {"library": "fastai", "setup_s": round(setup_s, 2), "n_train": len(train_paths),
-                    "n_valid": len(valid_paths), "workers": dls.train.num_workers}
+    result: dict = {
+        "library": "fastai",
+        "setup_s": round(setup_s, 2),
+        "n_train": len(train_paths),
+        "n_valid": len(valid_paths),
+        "workers": dls.train.num_workers,
+    }
     if not skip_lr_find:
         t0, c0 = time.perf_counter(), cpu_seconds()
         suggestion = learn.lr_find(num_it=lr_find_iters, show_plot=False)
@@ -90,11 +131,17 @@ def run_fastai(train_paths: Sequence[str], valid_paths: Sequence[str], *, epochs
     learn.fit_one_cycle(epochs, lr)
     fit_s, fit_cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
     train_loss, valid_loss, error = learn.recorder.values[-1]
-    result.update({
-        "fit_s": round(fit_s, 2), "fit_cpu_s": round(fit_cpu_s, 2),
-        "img_per_s": round(len(train_paths) * epochs / fit_s, 2),
-        "valid_error": round(float(error), 6), "valid_loss": round(float(valid_loss), 6),
-        "train_loss": round(float(train_loss), 6), **peak_memory_mb(device)})
+    result.update(
+        {
+            "fit_s": round(fit_s, 2),
+            "fit_cpu_s": round(fit_cpu_s, 2),
+            "img_per_s": round(len(train_paths) * epochs / fit_s, 2),
+            "valid_error": round(float(error), 6),
+            "valid_loss": round(float(valid_loss), 6),
+            "train_loss": round(float(train_loss), 6),
+            **peak_memory_mb(device),
+        }
+    )
     return result
 
 
@@ -115,10 +162,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     split = json.loads(Path(args.split_json).read_text())
     with contextlib.redirect_stdout(sys.stderr):  # fastai's bars and tables go to stderr; stdout is JSON
-        result = run_fastai(split["train"], split["valid"], epochs=args.epochs, lr=args.lr, image_size=args.image_size,
-                            batch_size=args.batch_size, device=args.device, workers=args.workers,
-                            lr_find_iters=args.lr_find_iters, skip_lr_find=args.skip_lr_find, fp16=args.fp16,
-                            seed=args.seed, workdir=args.workdir)
+        result = run_fastai(
+            split["train"],
+            split["valid"],
+            epochs=args.epochs,
+            lr=args.lr,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            device=args.device,
+            workers=args.workers,
+            lr_find_iters=args.lr_find_iters,
+            skip_lr_find=args.skip_lr_find,
+            fp16=args.fp16,
+            seed=args.seed,
+            workdir=args.workdir,
+        )
     print(json.dumps(result))
     return 0
 

@@ -8,6 +8,7 @@ errors (must be 0) and wall time. Bounded in count and in time (``--max-seconds`
 
     python bench/load_test.py [--model RUN/model] [--requests 200] [--concurrency 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "src" / "pneumo" / "sample_data" / "chest_xray"
 FULLRES = Path("/work/shared/data/chest_xray_fullres_sample")
 # kind -> (share of requests, expected status)
-MIX = {"jpeg": (0.35, 200), "png": (0.15, 200), "jpeg_no_heatmap": (0.20, 200), "text_as_jpeg": (0.08, 415),
-       "truncated_jpeg": (0.08, 422), "bomb_png": (0.07, 413), "oversize": (0.07, 413)}
+MIX = {
+    "jpeg": (0.35, 200),
+    "png": (0.15, 200),
+    "jpeg_no_heatmap": (0.20, 200),
+    "text_as_jpeg": (0.08, 415),
+    "truncated_jpeg": (0.08, 422),
+    "bomb_png": (0.07, 413),
+    "oversize": (0.07, 413),
+}
 
 
 def free_port() -> int:
@@ -45,10 +53,16 @@ def free_port() -> int:
 
 def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
     """A ~1 kB PNG whose header claims a huge grey image."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(bytes(width + 1), 9)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(bytes(width + 1), 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 def payloads(images: list[Path], max_upload_mb: float) -> dict[str, list[tuple[str, bytes, str]]]:
@@ -60,22 +74,42 @@ def payloads(images: list[Path], max_upload_mb: float) -> dict[str, list[tuple[s
         Image.open(p).convert("L").save(buf, format="PNG")
         pngs.append((p.with_suffix(".png").name, buf.getvalue(), "image/png"))
     oversize = b"\xff\xd8\xff" + np.random.default_rng(0).bytes(int((max_upload_mb + 1) * 2**20))
-    return {"jpeg": jpegs, "png": pngs, "jpeg_no_heatmap": jpegs,
-            "text_as_jpeg": [("notes.jpeg", b"Patient notes, not an image.\n" * 40, "image/jpeg")],
-            "truncated_jpeg": [(f"cut-{n}", data[: len(data) // 2], t) for n, data, t in jpegs[:4]],
-            "bomb_png": [("bomb.png", bomb_png(), "image/png")],
-            "oversize": [("huge.jpeg", oversize, "image/jpeg")]}
+    return {
+        "jpeg": jpegs,
+        "png": pngs,
+        "jpeg_no_heatmap": jpegs,
+        "text_as_jpeg": [("notes.jpeg", b"Patient notes, not an image.\n" * 40, "image/jpeg")],
+        "truncated_jpeg": [(f"cut-{n}", data[: len(data) // 2], t) for n, data, t in jpegs[:4]],
+        "bomb_png": [("bomb.png", bomb_png(), "image/png")],
+        "oversize": [("huge.jpeg", oversize, "image/jpeg")],
+    }
 
 
 def train_model(out: Path, image_size: int, epochs: int) -> Path:
-    from pneumo.train.loop import train
+    from pneumo.training.loop import train
+
     print(f"load_test: no --model given; training one on the bundled sample at {image_size} px", file=sys.stderr)
     return train(SAMPLE, out=out, epochs=epochs, image_size=image_size, progress=False).model_dir
 
 
 def start_server(model: Path, port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pneumo.cli", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", str(args.workers), "--queue", str(args.queue), "--max-upload-mb", str(args.max_upload_mb)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pneumo.cli",
+        "serve",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(args.workers),
+        "--queue",
+        str(args.queue),
+        "--max-upload-mb",
+        str(args.max_upload_mb),
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 120
@@ -92,8 +126,9 @@ def start_server(model: Path, port: int, args: argparse.Namespace, log: Path) ->
     raise SystemExit(f"load_test: server did not answer /health within 120 s; see {log}")
 
 
-def one_request(client: httpx.Client, url: str, kind: str,
-                item: tuple[str, bytes, str]) -> tuple[str, int | str, float]:
+def one_request(
+    client: httpx.Client, url: str, kind: str, item: tuple[str, bytes, str]
+) -> tuple[str, int | str, float]:
     name, data, ctype = item
     params = {"heatmap": "false" if kind == "jpeg_no_heatmap" else "true"}
     start = time.perf_counter()
@@ -108,12 +143,12 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 1) if values else None
 
 
-def run_load(url: str, plan: list[str], items: dict, concurrency: int, max_seconds: float,
-             seed: int) -> tuple[list, float]:
+def run_load(
+    url: str, plan: list[str], items: dict, concurrency: int, max_seconds: float, seed: int
+) -> tuple[list, float]:
     rng = np.random.default_rng(seed)
     results, start = [], time.monotonic()
-    with httpx.Client(timeout=httpx.Timeout(120.0, connect=10.0)) as client, \
-            ThreadPoolExecutor(concurrency) as pool:
+    with httpx.Client(timeout=httpx.Timeout(120.0, connect=10.0)) as client, ThreadPoolExecutor(concurrency) as pool:
         pending, queue = set(), list(plan)
         while queue or pending:
             while queue and len(pending) < concurrency and time.monotonic() - start < max_seconds:
@@ -122,8 +157,9 @@ def run_load(url: str, plan: list[str], items: dict, concurrency: int, max_secon
                 pending.add(pool.submit(one_request, client, url, kind, choice))
             if not pending:
                 break  # out of time: the rest of the plan is never sent
-            done, pending = wait(pending, timeout=max(1.0, max_seconds - (time.monotonic() - start)),
-                                 return_when=FIRST_COMPLETED)
+            done, pending = wait(
+                pending, timeout=max(1.0, max_seconds - (time.monotonic() - start)), return_when=FIRST_COMPLETED
+            )
             results += [f.result() for f in done]
             if time.monotonic() - start > max_seconds + 130:  # requests time out at 120 s; this is a backstop
                 break
@@ -134,21 +170,33 @@ def summarise(results: list, planned: int, wall: float, args: argparse.Namespace
     kinds = {}
     for kind, (_, expected) in MIX.items():
         rows = [(s, ms) for k, s, ms in results if k == kind]
-        kinds[kind] = {"n": len(rows), "expected": expected,
-                       "statuses": dict(Counter(str(s) for s, _ in rows)),
-                       "p50_ms": percentile([ms for _, ms in rows], 50),
-                       "p99_ms": percentile([ms for _, ms in rows], 99),
-                       "max_ms": round(max((ms for _, ms in rows), default=0.0), 1)}
+        kinds[kind] = {
+            "n": len(rows),
+            "expected": expected,
+            "statuses": dict(Counter(str(s) for s, _ in rows)),
+            "p50_ms": percentile([ms for _, ms in rows], 50),
+            "p99_ms": percentile([ms for _, ms in rows], 99),
+            "max_ms": round(max((ms for _, ms in rows), default=0.0), 1),
+        }
     statuses = Counter(str(s) for _, s, _ in results)
     server_errors = sum(n for s, n in statuses.items() if s.isdigit() and int(s) >= 500 and s != "503")
     unexpected = sum(1 for k, s, _ in results if s != MIX[k][1] and s != 503)
-    return {"model": str(model), "requests_planned": planned, "requests_done": len(results),
-            "concurrency": args.concurrency, "workers": args.workers, "queue_limit": args.queue,
-            "wall_s": round(wall, 2), "throughput_rps": round(len(results) / wall, 2) if wall else None,
-            "status_counts": dict(sorted(statuses.items())), "server_errors": server_errors,
-            "busy_503": statuses.get("503", 0),
-            "transport_errors": sum(n for s, n in statuses.items() if s.startswith("transport")),
-            "unexpected_status": unexpected, "kinds": kinds}
+    return {
+        "model": str(model),
+        "requests_planned": planned,
+        "requests_done": len(results),
+        "concurrency": args.concurrency,
+        "workers": args.workers,
+        "queue_limit": args.queue,
+        "wall_s": round(wall, 2),
+        "throughput_rps": round(len(results) / wall, 2) if wall else None,
+        "status_counts": dict(sorted(statuses.items())),
+        "server_errors": server_errors,
+        "busy_503": statuses.get("503", 0),
+        "transport_errors": sum(n for s, n in statuses.items() if s.startswith("transport")),
+        "unexpected_status": unexpected,
+        "kinds": kinds,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         log = tmp_dir / "server.log"
         server = start_server(model, port, args, log)
         try:
-            results, wall = run_load(f"http://127.0.0.1:{port}/api/predict", plan, items, args.concurrency,
-                                     args.max_seconds, args.seed)
+            results, wall = run_load(
+                f"http://127.0.0.1:{port}/api/predict", plan, items, args.concurrency, args.max_seconds, args.seed
+            )
         finally:
             server.terminate()
             try:
@@ -196,8 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         tail = log.read_text(errors="replace")
         report["server_tracebacks"] = tail.count("Traceback")
     print(json.dumps(report, indent=2))
-    return 0 if report["server_errors"] == 0 and report["transport_errors"] == 0 \
-        and report["server_tracebacks"] == 0 else 1
+    return (
+        0
+        if report["server_errors"] == 0 and report["transport_errors"] == 0 and report["server_tracebacks"] == 0
+        else 1
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Prints one JSON object::
 
     .venv/bin/python bench/profile_features.py --limit 512
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,17 +17,17 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from pneumo.data.cache import decode_images
 from pneumo.config import TrainConfig
-from pneumo.train.features import adapt_batchnorm, extract_features
+from pneumo.data.cache import decode_images
 from pneumo.nets.models import create_model, set_body_trainable
-from pneumo.train.loop import HeadOnFeatures, make_optimizer
+from pneumo.training.features import adapt_batchnorm, extract_features
+from pneumo.training.phases import HeadOnFeatures, make_optimizer
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -47,12 +48,24 @@ def rate(n: int, seconds: float) -> dict[str, float]:
 def features_nchw(model, pixels: np.ndarray, batch_size: int) -> torch.Tensor:
     """extract_features without channels_last: is the memory format paying on this CPU?"""
     model.eval()
-    return torch.cat([model.features(torch.from_numpy(pixels[i:i + batch_size]).unsqueeze(1))
-                      for i in range(0, len(pixels), batch_size)])
+    return torch.cat(
+        [
+            model.features(torch.from_numpy(pixels[i : i + batch_size]).unsqueeze(1))
+            for i in range(0, len(pixels), batch_size)
+        ]
+    )
 
 
-def profile(data: Path, limit: int, image_size: int, epochs: int, batch_sizes: Sequence[int],
-            threads: Sequence[int], seed: int, workdir: Path) -> dict:
+def profile(
+    data: Path,
+    limit: int,
+    image_size: int,
+    epochs: int,
+    batch_sizes: Sequence[int],
+    threads: Sequence[int],
+    seed: int,
+    workdir: Path,
+) -> dict:
     from pneumo.data.folders import discover
 
     root = stratified_subset(data, limit, seed, workdir / "subset")
@@ -60,13 +73,18 @@ def profile(data: Path, limit: int, image_size: int, epochs: int, batch_sizes: S
     paths = [s.path for s in samples]
     labels = torch.tensor([s.label for s in samples])
     n = len(paths)
-    out: dict = {"n_images": n, "image_size": image_size, "default_threads": torch.get_num_threads(),
-                 "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+    out: dict = {
+        "n_images": n,
+        "image_size": image_size,
+        "default_threads": torch.get_num_threads(),
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+    }
 
     decode = {}
     for workers in (1, 2):
-        s, decoded = timed(decode_images, paths, image_size, cache_dir=workdir / f"cache{workers}",
-                           workers=workers, progress=False)
+        s, decoded = timed(
+            decode_images, paths, image_size, cache_dir=workdir / f"cache{workers}", workers=workers, progress=False
+        )
         decode[f"workers_{workers}"] = rate(n, s)
     s, _ = timed(decode_images, paths, image_size, cache_dir=workdir / "cache2", progress=False)
     decode["from_cache"] = rate(n, s)
@@ -101,8 +119,19 @@ def profile(data: Path, limit: int, image_size: int, epochs: int, batch_sizes: S
     gen = torch.Generator().manual_seed(seed)
     set_body_trainable(model, False, train_bn=False)
     opt = make_optimizer([list(model.head.parameters())], [3e-3], 0.01)
-    phase = HeadOnFeatures(model, opt, epochs, 64, n_train=n, generator=gen, class_weights=None,
-                           device=torch.device("cpu"), train_feats=feats[None], train_y=labels, valid_feats=feats)
+    phase = HeadOnFeatures(
+        model,
+        opt,
+        epochs,
+        64,
+        n_train=n,
+        generator=gen,
+        class_weights=None,
+        device=torch.device("cpu"),
+        train_feats=feats[None],
+        train_y=labels,
+        valid_feats=feats,
+    )
     t0 = time.perf_counter()
     for e in range(epochs):
         phase.train_epoch(e, progress=False)
@@ -123,8 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pneumo_profile_") as tmp:
-        result = profile(args.data, args.limit, args.image_size, args.epochs, args.batch_sizes, args.threads,
-                         args.seed, Path(tmp))
+        result = profile(
+            args.data, args.limit, args.image_size, args.epochs, args.batch_sizes, args.threads, args.seed, Path(tmp)
+        )
     print(json.dumps(result, indent=1))
     return 0
 

@@ -5,6 +5,7 @@ side. The tutorial reports 3.67% error on its random split; fastai 2.8.12 with t
 got 3.93%.
     python bench/seed_recipe.py [--data ../shared/data/chest_xray_224/train] [--epochs 8] [--seeds 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pneumo.train.loop import train
+from pneumo import train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_224" / "train"
 
@@ -34,22 +35,52 @@ def main() -> None:
     for split in args.splits:
         for seed in args.seeds:
             t0 = time.perf_counter()
-            run = train(args.data, out=str(out / f"{split}-s{seed}"), split=split, valid_pct=0.2, seed=seed,
-                        epochs=args.epochs, lr=args.lr, progress=False, **extra)
+            run = train(
+                args.data,
+                out=str(out / f"{split}-s{seed}"),
+                split=split,
+                valid_pct=0.2,
+                seed=seed,
+                epochs=args.epochs,
+                lr=args.lr,
+                progress=False,
+                **extra,
+            )
             m = run.evaluation["metrics"]
-            results.append({
-                "split": split, "seed": seed, "wall_s": round(time.perf_counter() - t0, 1),
-                "n_train": run.evaluation["n_train"], "n_valid": run.evaluation["n_valid"],
-                "valid_error_argmax": run.history[-1]["error_rate"],
-                "valid_error_by_epoch": [r["error_rate"] for r in run.history],
-                "at_threshold": {"threshold": run.evaluation["threshold"], "accuracy": m["accuracy"],
-                                 "sensitivity": m["sensitivity"], "specificity": m["specificity"],
-                                 "roc_auc": m["roc_auc"]},
-                "ci": run.evaluation.get("ci"),
-                "reweighted_to_test_balance": run.evaluation.get("reweighted_to_test_balance"),
-            })
-    print(json.dumps({"data": args.data, "epochs": args.epochs, "lr": args.lr, "options": extra,
-                      "tutorial_error": 0.0367, "fastai_lite0_error": 0.0393, "results": results}, indent=2))
+            results.append(
+                {
+                    "split": split,
+                    "seed": seed,
+                    "wall_s": round(time.perf_counter() - t0, 1),
+                    "n_train": run.evaluation["n_train"],
+                    "n_valid": run.evaluation["n_valid"],
+                    "valid_error_argmax": run.history[-1]["error_rate"],
+                    "valid_error_by_epoch": [r["error_rate"] for r in run.history],
+                    "at_threshold": {
+                        "threshold": run.evaluation["threshold"],
+                        "accuracy": m["accuracy"],
+                        "sensitivity": m["sensitivity"],
+                        "specificity": m["specificity"],
+                        "roc_auc": m["roc_auc"],
+                    },
+                    "ci": run.evaluation.get("ci"),
+                    "reweighted_to_test_balance": run.evaluation.get("reweighted_to_test_balance"),
+                }
+            )
+    print(
+        json.dumps(
+            {
+                "data": args.data,
+                "epochs": args.epochs,
+                "lr": args.lr,
+                "options": extra,
+                "tutorial_error": 0.0367,
+                "fastai_lite0_error": 0.0393,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@
 Generated images are small (32 px by default) so that every test that reads pixels stays fast. File
 names follow the Kermany/Kaggle pattern, so patient rules see what they see on the real data.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -43,6 +44,7 @@ def write_image() -> WriteImage:
     ``value`` the pixels are a gradient plus noise seeded by the file name, so every file differs
     byte for byte; with ``value`` the image is flat (handy to tell classes apart by brightness).
     """
+
     def write(path: str | Path, size: tuple[int, int] = (32, 32), mode: str = "L", value: int | None = None) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +61,7 @@ def write_image() -> WriteImage:
             img = Image.fromarray((grey * 255).astype(np.uint8), mode="L").convert(mode)
         img.save(path)
         return path
+
     return write
 
 
@@ -83,14 +86,17 @@ def make_tree(write_image: WriteImage) -> MakeTree:
 
     ``values`` maps a class name to a flat pixel value for every image of that class.
     """
-    def make(root: Path, layout: dict[str, list[str]], size: tuple[int, int] = (32, 32),
-             values: dict[str, int] | None = None) -> Path:
+
+    def make(
+        root: Path, layout: dict[str, list[str]], size: tuple[int, int] = (32, 32), values: dict[str, int] | None = None
+    ) -> Path:
         for folder, names in layout.items():
             (root / folder).mkdir(parents=True, exist_ok=True)
             value = (values or {}).get(Path(folder).name)
             for name in names:
                 write_image(root / folder / name, size=size, value=value)
         return root
+
     return make
 
 
@@ -148,7 +154,8 @@ def one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One small model per test session, shared by the explain and serve tests."""
-    from pneumo.train.loop import train
+    from pneumo.training.loop import train
+
     run = tmp_path_factory.getbasetemp() / "pneumo-model-64"
     if not (run / "model" / "model.safetensors").is_file():
         with one_torch_thread():

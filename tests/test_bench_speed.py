@@ -1,4 +1,5 @@
 """bench/speed.py: the subset it builds, and a tiny end-to-end run of pneumo's side printing JSON."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -41,10 +42,23 @@ def test_subset_keeps_class_proportions_and_is_seeded(tmp_path, write_image):
 
 @pytest.mark.timeout(60)
 def test_speed_smoke_prints_pneumo_json():
-    cmd = [sys.executable, str(SPEED), "--data", str(SAMPLE_ROOT), "--limit", "40", "--epochs", "1",
-           "--image-size", "64", "--skip-fastai", "--lr-find-iters", "20"]
+    cmd = [
+        sys.executable,
+        str(SPEED),
+        "--data",
+        str(SAMPLE_ROOT),
+        "--limit",
+        "40",
+        "--epochs",
+        "1",
+        "--image-size",
+        "64",
+        "--skip-fastai",
+        "--lr-find-iters",
+        "20",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a shared 2-core machine: no spinning on busy cores
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, timeout=58)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=58)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     cfg, pneumo = report["config"], report["pneumo"]

@@ -1,4 +1,5 @@
 """``pneumo data check``: every problem named, errors separated from warnings, never a traceback."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pneumo.data.check import check_dataset, format_check
-from pneumo.cli import main
-from pneumo.errors import DataError
-
 from conftest import kermany_names
+from pneumo.cli import main
+from pneumo.data.check import check_dataset, format_check
+from pneumo.errors import DataError
 
 
 @pytest.fixture
@@ -32,12 +32,22 @@ def test_clean_kaggle_tree(kaggle_root: Path):
     json.dumps(report)  # JSON-ready as it is, no default= needed
     assert report["root"] == str(kaggle_root) and report["layout"] == "kaggle"
     assert report["classes"] == ["NORMAL", "PNEUMONIA"]
-    assert report["counts"] == {"train": {"NORMAL": 12, "PNEUMONIA": 12}, "valid": {"NORMAL": 8, "PNEUMONIA": 8},
-                                "test": {"NORMAL": 4, "PNEUMONIA": 4}}
-    assert report["totals"] == {"images": 48, "per_split": {"train": 24, "valid": 16, "test": 8},
-                                "per_class": {"NORMAL": 24, "PNEUMONIA": 24}}
-    assert report["sizes"] == {"width": {"min": 32, "max": 32}, "height": {"min": 32, "max": 32},
-                               "modes": {"L": 48}, "bit_depths": {"8": 48}}
+    assert report["counts"] == {
+        "train": {"NORMAL": 12, "PNEUMONIA": 12},
+        "valid": {"NORMAL": 8, "PNEUMONIA": 8},
+        "test": {"NORMAL": 4, "PNEUMONIA": 4},
+    }
+    assert report["totals"] == {
+        "images": 48,
+        "per_split": {"train": 24, "valid": 16, "test": 8},
+        "per_class": {"NORMAL": 24, "PNEUMONIA": 24},
+    }
+    assert report["sizes"] == {
+        "width": {"min": 32, "max": 32},
+        "height": {"min": 32, "max": 32},
+        "modes": {"L": 48},
+        "bit_depths": {"8": 48},
+    }
     assert report["errors"] == [] and report["unreadable"] == [] and report["duplicates"] == []
     assert report["patients_across_splits"] == []
     assert report["subtypes"]["train"] == {"PNEUMONIA/bacteria": 6, "PNEUMONIA/virus": 6}
@@ -51,8 +61,11 @@ def test_clean_kaggle_tree(kaggle_root: Path):
 def test_broken_folder_names_every_problem(broken_root: Path):
     report = check_dataset(broken_root, progress=False)
     reasons = {u["path"]: u["reason"] for u in report["unreadable"]}
-    assert set(reasons) == {"train/NORMAL/IM-0900-0001.jpeg", "train/NORMAL/IM-0901-0001.jpeg",
-                            "train/PNEUMONIA/person900_virus_1.jpeg"}
+    assert set(reasons) == {
+        "train/NORMAL/IM-0900-0001.jpeg",
+        "train/NORMAL/IM-0901-0001.jpeg",
+        "train/PNEUMONIA/person900_virus_1.jpeg",
+    }
     assert "truncated" in reasons["train/NORMAL/IM-0900-0001.jpeg"]
     assert "empty file" in reasons["train/NORMAL/IM-0901-0001.jpeg"]
     assert "not an image" in reasons["train/PNEUMONIA/person900_virus_1.jpeg"]
@@ -84,11 +97,14 @@ def test_split_missing_a_class_is_an_error(kaggle_root: Path):
     assert str(kaggle_root / "test") in report["errors"][0] and "no 'PNEUMONIA' folder" in report["errors"][0]
 
 
-@pytest.mark.parametrize("setup, needle", [
-    (lambda root: None, "no such folder"),
-    (lambda root: [(root / c).mkdir(parents=True) for c in ("NORMAL", "PNEUMONIA")], "no JPEG or PNG images"),
-    (lambda root: (root / "notes.txt").parent.mkdir() or (root / "notes.txt").write_text("x"), "no class folders"),
-])
+@pytest.mark.parametrize(
+    "setup, needle",
+    [
+        (lambda root: None, "no such folder"),
+        (lambda root: [(root / c).mkdir(parents=True) for c in ("NORMAL", "PNEUMONIA")], "no JPEG or PNG images"),
+        (lambda root: (root / "notes.txt").parent.mkdir() or (root / "notes.txt").write_text("x"), "no class folders"),
+    ],
+)
 def test_unusable_root_is_an_error_not_a_traceback(tmp_path: Path, setup, needle, capsys):
     root = tmp_path / "data"
     setup(root)
@@ -115,19 +131,25 @@ def test_duplicates_and_patients_across_splits(kaggle_root: Path):
     report = check_dataset(kaggle_root, progress=False)
     groups = {tuple(g["files"]): g for g in report["duplicates"]}
     assert len(groups) == 2
-    relabelled = groups[("train/NORMAL/IM-0100-0001.jpeg", "train/NORMAL/IM-0100-0003.jpeg",
-                         "test/PNEUMONIA/person777_virus_1.jpeg")]
+    relabelled = groups[
+        ("train/NORMAL/IM-0100-0001.jpeg", "train/NORMAL/IM-0100-0003.jpeg", "test/PNEUMONIA/person777_virus_1.jpeg")
+    ]
     assert relabelled["conflicting_labels"] and relabelled["across_splits"] and relabelled["across_patients"]
     assert relabelled["classes"] == ["NORMAL", "PNEUMONIA"] and relabelled["splits"] == ["train", "test"]
-    same_patient = groups[("train/PNEUMONIA/person101_bacteria_1011.jpeg",
-                           "test/PNEUMONIA/person101_bacteria_1019.jpeg")]
+    same_patient = groups[
+        ("train/PNEUMONIA/person101_bacteria_1011.jpeg", "test/PNEUMONIA/person101_bacteria_1019.jpeg")
+    ]
     assert same_patient["across_splits"] and not same_patient["conflicting_labels"]
     assert report["patients_across_splits"] == [{"patient": "person101", "counts": {"train": 2, "test": 1}}]
     assert report["errors"] == []
     joined = "\n".join(report["warnings"])
-    for needle in ("2 groups of byte-identical files (3 extra copies)", "1 patient in more than one split",
-                   "identical images with different labels (1)",
-                   "identical images in more than one split (2)", "person101 (train 2, test 1)"):
+    for needle in (
+        "2 groups of byte-identical files (3 extra copies)",
+        "1 patient in more than one split",
+        "identical images with different labels (1)",
+        "identical images in more than one split (2)",
+        "person101 (train 2, test 1)",
+    ):
         assert needle in joined
     assert "DIFFERENT LABELS" in format_check(report)
 
@@ -140,15 +162,22 @@ def test_sizes_modes_and_bit_depths(tmp_path: Path, write_image):
     write_image(root / "PNEUMONIA" / "d.png", size=(500, 20), mode="L")
     report = check_dataset(root, progress=False)
     assert report["layout"] == "classes" and report["counts"] == {"train": {"NORMAL": 2, "PNEUMONIA": 2}}
-    assert report["sizes"] == {"width": {"min": 40, "max": 500}, "height": {"min": 20, "max": 300},
-                               "modes": {"L": 2, "I;16": 1, "RGB": 1}, "bit_depths": {"16": 1, "8": 3}}
+    assert report["sizes"] == {
+        "width": {"min": 40, "max": 500},
+        "height": {"min": 20, "max": 300},
+        "modes": {"L": 2, "I;16": 1, "RGB": 1},
+        "bit_depths": {"16": 1, "8": 3},
+    }
     text = format_check(report)
     assert "width 40-500 px" in text and "16-bit 1" in text
 
 
 def test_class_imbalance_warning(tmp_path: Path, make_tree):
-    root = make_tree(tmp_path / "d", {"NORMAL": kermany_names("NORMAL", 2, 1),
-                                      "PNEUMONIA": kermany_names("PNEUMONIA", 6, 1)}, size=(8, 8))
+    root = make_tree(
+        tmp_path / "d",
+        {"NORMAL": kermany_names("NORMAL", 2, 1), "PNEUMONIA": kermany_names("PNEUMONIA", 6, 1)},
+        size=(8, 8),
+    )
     warnings = check_dataset(root, progress=False)["warnings"]
     assert any("train is imbalanced: PNEUMONIA 6 vs NORMAL 2 (3.0:1)" in w for w in warnings)
 
@@ -172,5 +201,6 @@ def test_class_with_only_unreadable_images_is_an_error(tmp_path: Path, make_tree
         (root / "PNEUMONIA" / f"person{i}_virus_{i}.jpeg").write_bytes(b"")
     report = check_dataset(root, progress=False)
     assert len(report["unreadable"]) == 2
-    assert report["errors"] == [f"{root / 'PNEUMONIA'}: none of its 2 images can be read; "
-                                f"training would see no PNEUMONIA"]
+    assert report["errors"] == [
+        f"{root / 'PNEUMONIA'}: none of its 2 images can be read; training would see no PNEUMONIA"
+    ]

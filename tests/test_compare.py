@@ -1,4 +1,5 @@
 """pneumo compare: identical validation sets, nested stratified patient subsets, resumable runs, outputs."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,9 @@ import torch
 from PIL import Image
 
 import pneumo
-from pneumo.compare import experiment as compare
 from pneumo.cli import main
+from pneumo.compare import experiment as compare
+from pneumo.compare import summary
 from pneumo.compare.plots import plot_error_vs_epoch, plot_error_vs_size, plot_error_vs_time, table_markdown
 from pneumo.data.folders import discover, make_split
 from pneumo.errors import PneumoError
@@ -34,8 +36,12 @@ def result(tmp_path_factory):
     torch.set_num_threads(1)  # tiny convolutions: one thread beats two fighting over a shared CPU
     try:
         out = tmp_path_factory.mktemp("compare")
-        yield compare.run_compare(SAMPLE, fractions=FRACTIONS, seeds=1, epochs=1, out=out, image_size=48,
-                                  device="cpu", progress=False), out
+        yield (
+            compare.run_compare(
+                SAMPLE, fractions=FRACTIONS, seeds=1, epochs=1, out=out, image_size=48, device="cpu", progress=False
+            ),
+            out,
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -110,8 +116,10 @@ def test_arms_share_validation_and_training_images(result):
     for r in runs:
         by_fraction.setdefault(r["fraction"], set()).add(r["train_fingerprint"])
     assert all(len(prints) == 1 for prints in by_fraction.values())
-    small, large = (json.loads((Path(r["run_dir"]) / "split.json").read_text())
-                    for r in sorted((r for r in runs if r["arm"] == "scratch"), key=lambda r: r["fraction"]))
+    small, large = (
+        json.loads((Path(r["run_dir"]) / "split.json").read_text())
+        for r in sorted((r for r in runs if r["arm"] == "scratch"), key=lambda r: r["fraction"])
+    )
     names = lambda paths: {Path(p).resolve() for p in paths}
     assert names(small["valid"]) == names(large["valid"])
     assert names(small["train"]) < names(large["train"])
@@ -123,16 +131,34 @@ def test_finished_runs_are_skipped_and_json_output_is_clean(result, monkeypatch,
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("pneumo.train.loop.train", no_training)
-    code = main(["compare", str(SAMPLE), "--fractions", ",".join(map(str, FRACTIONS)), "--seeds", "1",
-                 "--epochs", "1", "--image-size", "48", "--device", "cpu", "--out", str(out), "--json"])
+    monkeypatch.setattr("pneumo.training.loop.train", no_training)
+    code = main(
+        [
+            "compare",
+            str(SAMPLE),
+            "--fractions",
+            ",".join(map(str, FRACTIONS)),
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--image-size",
+            "48",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     assert code == 0
     again = json.loads(capsys.readouterr().out)
     assert again["design"]["skipped_existing"] == 4
     assert again["table"] == json.loads(json.dumps(res["table"]))
     with pytest.raises(PneumoError, match="image_size"):  # records made at 48 px do not answer for 64 px
-        compare.run_compare(SAMPLE, fractions=FRACTIONS, seeds=1, epochs=1, out=out, image_size=64,
-                            device="cpu", progress=False)
+        compare.run_compare(
+            SAMPLE, fractions=FRACTIONS, seeds=1, epochs=1, out=out, image_size=64, device="cpu", progress=False
+        )
 
 
 # --- summary and figures on made-up records ------------------------------------------------------
@@ -141,35 +167,49 @@ def fake(arm: str, fraction: float, seed: int, errors: list[float], epoch_s: flo
     for i, e in enumerate(errors):
         clock += epoch_s
         history.append({"epoch": i + 1, "error_rate": e, "time": epoch_s, "wall_s": clock})
-    return {"name": f"a-{arm}-f{fraction}-s{seed}", "arch": "a", "arm": arm, "fraction": fraction, "seed": seed,
-            "n_train": int(1000 * fraction), "history": history, "final_error": errors[-1],
-            "best_error": min(errors), "train_s": clock, "roc_auc": None, "valid_fingerprint": "v"}
+    return {
+        "name": f"a-{arm}-f{fraction}-s{seed}",
+        "arch": "a",
+        "arm": arm,
+        "fraction": fraction,
+        "seed": seed,
+        "n_train": int(1000 * fraction),
+        "history": history,
+        "final_error": errors[-1],
+        "best_error": min(errors),
+        "train_s": clock,
+        "roc_auc": None,
+        "valid_fingerprint": "v",
+    }
 
 
-RECORDS = [fake("pretrained", 0.1, s, [0.20, 0.12, 0.10], 1.0, 10.0) for s in (0, 1)] + \
-          [fake("scratch", 0.1, s, [0.40, 0.25, 0.15 + 0.02 * s], 20.0, 1.0) for s in (0, 1)] + \
-          [fake("pretrained", 0.5, 0, [0.10, 0.08], 2.0, 20.0), fake("scratch", 0.5, 0, [0.30, 0.06], 40.0, 1.0)]
+RECORDS = (
+    [fake("pretrained", 0.1, s, [0.20, 0.12, 0.10], 1.0, 10.0) for s in (0, 1)]
+    + [fake("scratch", 0.1, s, [0.40, 0.25, 0.15 + 0.02 * s], 20.0, 1.0) for s in (0, 1)]
+    + [fake("pretrained", 0.5, 0, [0.10, 0.08], 2.0, 20.0), fake("scratch", 0.5, 0, [0.30, 0.06], 40.0, 1.0)]
+)
 
 
 def test_target_error_time_and_budget():
-    s = compare.summarise(RECORDS)
+    s = summary.summarise(RECORDS)
     assert s["targets"] == {0.1: 0.17, 0.5: 0.08}  # the highest best error of any run, rounded up
     rows = {(r["fraction"], r["arm"]): r for r in s["table"]}
     assert rows[0.1, "pretrained"]["time_to_target_s"] == 12.0 and rows[0.1, "pretrained"]["epochs_to_target"] == 2
     assert rows[0.1, "scratch"]["reached"] == "2/2" and rows[0.1, "scratch"]["time_to_target_s"] == 61.0
     assert rows[0.1, "scratch"]["error_at_budget"] is None  # no scratch epoch ends within pretrained's 13 s
     assert rows[0.5, "scratch"]["error_at_budget"] is None and rows[0.5, "pretrained"]["error_at_budget"] == 0.08
-    fixed = compare.summarise(RECORDS, target_error=0.09)
+    fixed = summary.summarise(RECORDS, target_error=0.09)
     rows = {(r["fraction"], r["arm"]): r for r in fixed["table"]}
     assert rows[0.1, "scratch"]["time_to_target_s"] is None and rows[0.1, "scratch"]["reached"] == "0/2"
     assert "not reached" in table_markdown(fixed["table"])
     assert "n=100 images" in s["answer"] and "lower final error at 1 of 2" in s["answer"]
     assert "scratch is lower at n=500" in s["answer"] and "Data efficiency" not in s["answer"]
-    rows = {(r["fraction"], r["arm"]): r for r in compare.summarise(RECORDS[:4])["table"]}
-    assert compare.data_efficiency("a", rows) == []  # better, but on as many images: no saving to claim
-    assert compare.data_efficiency("a", {**rows, (0.1, "scratch"): {**rows[0.1, "scratch"], "n_train": 400}}) == [
+    rows = {(r["fraction"], r["arm"]): r for r in summary.summarise(RECORDS[:4])["table"]}
+    assert summary.data_efficiency("a", rows) == []  # better, but on as many images: no saving to claim
+    assert summary.data_efficiency("a", {**rows, (0.1, "scratch"): {**rows[0.1, "scratch"], "n_train": 400}}) == [
         "Data efficiency: pretrained a with n=100 images (10.0%) already matches scratch with n=400 (16.0%), "
-        "4x fewer images."]
+        "4x fewer images."
+    ]
 
 
 def test_different_validation_sets_are_refused():

@@ -1,5 +1,6 @@
 """Data on disk: discovery of the layouts people actually have, patient ids, patient-level splits,
 the one preprocessing function, and the decode cache."""
+
 from __future__ import annotations
 
 import os
@@ -10,13 +11,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo.data.cache import cache_key, decode_images
-from pneumo.data.folders import (MIN_USABLE_VALID, Sample, discover, kermany_patient_id, make_split, patient_rule,
-                         patients_in_both, split_by_patient, split_random, subtype_of)
-from pneumo.errors import DataError, ImageError
-from pneumo.data.imaging import open_image, prepare
-
 from conftest import KAGGLE_TREE, kermany_names
+from pneumo.data.cache import cache_key, decode_images
+from pneumo.data.folders import (
+    MIN_USABLE_VALID,
+    Sample,
+    discover,
+    kermany_patient_id,
+    make_split,
+    patient_rule,
+    patients_in_both,
+    split_by_patient,
+    split_random,
+    subtype_of,
+)
+from pneumo.data.imaging import open_image, prepare
+from pneumo.errors import DataError, ImageError
 
 
 def _names(samples) -> set[str]:
@@ -31,8 +41,11 @@ def test_discover_kaggle_layout(kaggle_root: Path):
     assert data.layout == "kaggle" and data.root == kaggle_root
     assert data.classes == ["NORMAL", "PNEUMONIA"]
     assert data.splits == ["train", "valid", "test"]  # "val" on disk is "valid" in pneumo
-    assert data.counts() == {"train": {"NORMAL": 12, "PNEUMONIA": 12}, "valid": {"NORMAL": 8, "PNEUMONIA": 8},
-                             "test": {"NORMAL": 4, "PNEUMONIA": 4}}
+    assert data.counts() == {
+        "train": {"NORMAL": 12, "PNEUMONIA": 12},
+        "valid": {"NORMAL": 8, "PNEUMONIA": 8},
+        "test": {"NORMAL": 4, "PNEUMONIA": 4},
+    }
     assert _names(data.split("train")) == set(KAGGLE_TREE["train/NORMAL"] + KAGGLE_TREE["train/PNEUMONIA"])
     by_name = {s.path.name: s for s in data.samples}
     assert by_name["IM-0100-0002.jpeg"].patient == "IM-0100"
@@ -55,8 +68,9 @@ def test_macos_litter_and_hidden_files_are_ignored(kaggle_root: Path, write_imag
 
 @pytest.mark.parametrize("wrapper", ["chest_xray/chest_xray", "archive/chest_xray"])
 def test_discover_nested_wrapper_folders(tmp_path: Path, make_tree, wrapper):
-    inner = make_tree(tmp_path / wrapper, {"train/NORMAL": ["IM-0001-0001.jpeg"],
-                                           "train/PNEUMONIA": ["person1_virus_1.jpeg"]})
+    inner = make_tree(
+        tmp_path / wrapper, {"train/NORMAL": ["IM-0001-0001.jpeg"], "train/PNEUMONIA": ["person1_virus_1.jpeg"]}
+    )
     (tmp_path / wrapper.split("/")[0] / "__MACOSX" / "chest_xray").mkdir(parents=True)  # as the Kaggle zip has
     data = discover(tmp_path / wrapper.split("/")[0])
     assert data.root == inner and data.layout == "kaggle"
@@ -73,9 +87,14 @@ def test_discover_class_folders_only(tmp_path: Path, make_tree):
 
 def test_discover_finds_every_format_and_size(tmp_path: Path, write_image):
     root = tmp_path / "mixed"
-    files = {"NORMAL/IM-0001-0001.jpeg": ((40, 30), "L"), "NORMAL/IM-0002-0001.JPG": ((64, 64), "RGB"),
-             "NORMAL/IM-0003-0001.png": ((50, 90), "I;16"), "PNEUMONIA/person1_virus_1.png": ((33, 33), "RGB"),
-             "PNEUMONIA/person2_bacteria_2.jpg": ((120, 80), "L"), "PNEUMONIA/person3_virus_3.png": ((16, 48), "RGBA")}
+    files = {
+        "NORMAL/IM-0001-0001.jpeg": ((40, 30), "L"),
+        "NORMAL/IM-0002-0001.JPG": ((64, 64), "RGB"),
+        "NORMAL/IM-0003-0001.png": ((50, 90), "I;16"),
+        "PNEUMONIA/person1_virus_1.png": ((33, 33), "RGB"),
+        "PNEUMONIA/person2_bacteria_2.jpg": ((120, 80), "L"),
+        "PNEUMONIA/person3_virus_3.png": ((16, 48), "RGBA"),
+    }
     for rel, (size, mode) in files.items():
         write_image(root / rel, size=size, mode=mode)
     with Image.open(root / "NORMAL/IM-0003-0001.png") as img:
@@ -87,11 +106,14 @@ def test_discover_finds_every_format_and_size(tmp_path: Path, write_image):
         assert arr.shape == (24, 24) and arr.dtype == np.uint8
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda root: None, "no such folder"),
-    (lambda root: [(root / c).mkdir(parents=True) for c in ("NORMAL", "PNEUMONIA")], "no JPEG or PNG images"),
-    (lambda root: root.mkdir(), "no class folders"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda root: None, "no such folder"),
+        (lambda root: [(root / c).mkdir(parents=True) for c in ("NORMAL", "PNEUMONIA")], "no JPEG or PNG images"),
+        (lambda root: root.mkdir(), "no class folders"),
+    ],
+)
 def test_discover_bad_roots_raise_data_error(tmp_path: Path, setup, message):
     root = tmp_path / "data"
     setup(root)
@@ -102,21 +124,26 @@ def test_discover_bad_roots_raise_data_error(tmp_path: Path, setup, message):
 # ---------------------------------------------------------------------------------------------
 # patients
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, patient", [
-    ("person1000_bacteria_2931.jpeg", "person1000"),
-    ("person1_virus_6.jpeg", "person1"),
-    ("IM-0115-0001.jpeg", "IM-0115"),
-    ("NORMAL2-IM-0123-0001.jpeg", "NORMAL2-IM-0123"),
-    ("NORMAL2-IM-0587-0001-0002.jpeg", "NORMAL2-IM-0587"),
-    ("/some/dir/IM-0115-0002.jpeg", "IM-0115"),
-    ("scan_42.png", "scan_42"),  # no pattern: its own patient
-])
+@pytest.mark.parametrize(
+    "name, patient",
+    [
+        ("person1000_bacteria_2931.jpeg", "person1000"),
+        ("person1_virus_6.jpeg", "person1"),
+        ("IM-0115-0001.jpeg", "IM-0115"),
+        ("NORMAL2-IM-0123-0001.jpeg", "NORMAL2-IM-0123"),
+        ("NORMAL2-IM-0587-0001-0002.jpeg", "NORMAL2-IM-0587"),
+        ("/some/dir/IM-0115-0002.jpeg", "IM-0115"),
+        ("scan_42.png", "scan_42"),  # no pattern: its own patient
+    ],
+)
 def test_kermany_patient_id(name, patient):
     assert kermany_patient_id(name) == patient
 
 
-@pytest.mark.parametrize("name, subtype", [("person1000_bacteria_2931.jpeg", "bacteria"),
-                                           ("person1_virus_6.jpeg", "virus"), ("IM-0115-0001.jpeg", None)])
+@pytest.mark.parametrize(
+    "name, subtype",
+    [("person1000_bacteria_2931.jpeg", "bacteria"), ("person1_virus_6.jpeg", "virus"), ("IM-0115-0001.jpeg", None)],
+)
 def test_subtype_of(name, subtype):
     assert subtype_of(name) == subtype
 
@@ -193,10 +220,16 @@ def test_tiny_val_folder_is_folded_into_train_with_a_note(kaggle_root: Path):
 
 def test_usable_val_folder_is_used_as_is(tmp_path: Path, make_tree):
     n = MIN_USABLE_VALID // 2
-    root = make_tree(tmp_path / "d", {"train/NORMAL": kermany_names("NORMAL", 3, 1),
-                                      "train/PNEUMONIA": kermany_names("PNEUMONIA", 3, 1),
-                                      "val/NORMAL": kermany_names("NORMAL", n, 1, start=1000),
-                                      "val/PNEUMONIA": kermany_names("PNEUMONIA", n, 1, start=1000)}, size=(8, 8))
+    root = make_tree(
+        tmp_path / "d",
+        {
+            "train/NORMAL": kermany_names("NORMAL", 3, 1),
+            "train/PNEUMONIA": kermany_names("PNEUMONIA", 3, 1),
+            "val/NORMAL": kermany_names("NORMAL", n, 1, start=1000),
+            "val/PNEUMONIA": kermany_names("PNEUMONIA", n, 1, start=1000),
+        },
+        size=(8, 8),
+    )
     data = discover(root)
     split = make_split(data)
     assert split.method == "folder" and len(split.valid) == 2 * n and not split.notes
@@ -230,11 +263,14 @@ def test_rgb_x_ray_equals_its_grey_version(tmp_path: Path, write_image):
     assert np.array_equal(prepare(grey, 24), prepare(rgb, 24))
 
 
-@pytest.mark.parametrize("make, reason", [
-    (lambda p: p.write_bytes(b""), "empty file"),
-    (lambda p: p.write_text("this is a text file, not an X-ray\n"), "not an image"),
-    ("truncate", "truncated"),
-])
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.write_bytes(b""), "empty file"),
+        (lambda p: p.write_text("this is a text file, not an X-ray\n"), "not an image"),
+        ("truncate", "truncated"),
+    ],
+)
 def test_open_image_names_the_problem(tmp_path: Path, write_image, make, reason):
     path = tmp_path / "bad.jpeg"
     if make == "truncate":

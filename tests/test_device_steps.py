@@ -5,6 +5,7 @@ stalls a GPU between steps. The steps run here on PyTorch's ``meta`` device, whi
 no values, under a dispatch mode that fails on any op that would wait; on a CPU the deferred loss
 reading is checked against reading every step.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -14,12 +15,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pneumo.data.augment import augment_batch
 from pneumo.errors import TrainingError
 from pneumo.nets.models import create_model, set_body_trainable
-from pneumo.train.phases import FullNetwork, HeadOnFeatures, make_optimizer
+from pneumo.training.phases import FullNetwork, HeadOnFeatures, make_optimizer
 
 aten = torch.ops.aten
 META = torch.device("meta")
-READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.nonzero.default,
-         aten.masked_select.default}
+READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.nonzero.default, aten.masked_select.default}
 
 
 class FailOnHostWait(TorchDispatchMode):
@@ -28,8 +28,12 @@ class FailOnHostWait(TorchDispatchMode):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if func in READS and any(t.device.type != "cpu" for t in tensors):
             raise AssertionError(f"{func} reads a value back from the device")
-        if func is aten._to_copy.default and tensors[0].device.type == "cpu" \
-                and kwargs.get("device", torch.device("cpu")).type != "cpu" and not kwargs.get("non_blocking"):
+        if (
+            func is aten._to_copy.default
+            and tensors[0].device.type == "cpu"
+            and kwargs.get("device", torch.device("cpu")).type != "cpu"
+            and not kwargs.get("non_blocking")
+        ):
             raise AssertionError("a blocking copy onto the device")
         return func(*args, **kwargs)
 
@@ -48,13 +52,34 @@ def test_the_dispatch_mode_catches_a_read_back():  # the guard itself can fail
         torch.ones(2).to(META)
 
 
-def full_phase(model, x: torch.Tensor, y: torch.Tensor, *, augment: bool = True, amp: torch.dtype | None = None,
-               class_weights: torch.Tensor | None = None) -> FullNetwork:
+def full_phase(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    augment: bool = True,
+    amp: torch.dtype | None = None,
+    class_weights: torch.Tensor | None = None,
+) -> FullNetwork:
     """A frozen-phase FullNetwork over ``x`` in batches of 4 (meta) or 8, on ``x``'s device."""
     opt = make_optimizer([[p for p in model.parameters() if p.requires_grad]], [1e-3], 0.01)
-    return FullNetwork(model, opt, 1, 4 if x.device == META else 8, name="frozen", n_train=len(x),
-                       generator=torch.Generator().manual_seed(0), class_weights=class_weights, device=x.device,
-                       train_x=x, train_y=y, valid_x=x, augment=augment, amp=amp, channels_last=True)
+    return FullNetwork(
+        model,
+        opt,
+        1,
+        4 if x.device == META else 8,
+        name="frozen",
+        n_train=len(x),
+        generator=torch.Generator().manual_seed(0),
+        class_weights=class_weights,
+        device=x.device,
+        train_x=x,
+        train_y=y,
+        valid_x=x,
+        augment=augment,
+        amp=amp,
+        channels_last=True,
+    )
 
 
 @pytest.mark.parametrize("frozen", [True, False])
@@ -78,10 +103,20 @@ def test_head_on_features_steps_never_wait():
     set_body_trainable(model, False, train_bn=False, trainable_stages=2)
     opt = make_optimizer([list(model.tail(2).parameters()), list(model.head.parameters())], [1e-4, 1e-3], 0.01)
     feats = torch.zeros(2, 8, *maps.shape[1:], dtype=torch.float16, device=META)
-    phase = HeadOnFeatures(model, opt, 1, 4, n_train=8, generator=torch.Generator().manual_seed(0),
-                           class_weights=None, device=META, train_feats=feats,
-                           train_y=torch.zeros(8, dtype=torch.long, device=META), valid_feats=feats[0].float(),
-                           trainable_stages=2)
+    phase = HeadOnFeatures(
+        model,
+        opt,
+        1,
+        4,
+        n_train=8,
+        generator=torch.Generator().manual_seed(0),
+        class_weights=None,
+        device=META,
+        train_feats=feats,
+        train_y=torch.zeros(8, dtype=torch.long, device=META),
+        valid_feats=feats[0].float(),
+        trainable_stages=2,
+    )
     with FailOnHostWait():
         for idx in phase.batches():
             phase.update(phase.step(idx))
@@ -95,9 +130,19 @@ def head_phase(lr: float, read_every: int) -> HeadOnFeatures:
     y = (feats[0, :, 0] > 0).long()
     set_body_trainable(model, False, train_bn=False)
     opt = make_optimizer([list(model.head.parameters())], [lr], 0.01)
-    phase = HeadOnFeatures(model, opt, 2, 8, n_train=96, generator=torch.Generator().manual_seed(0),
-                           class_weights=None, device=torch.device("cpu"), train_feats=feats, train_y=y,
-                           valid_feats=feats[0])
+    phase = HeadOnFeatures(
+        model,
+        opt,
+        2,
+        8,
+        n_train=96,
+        generator=torch.Generator().manual_seed(0),
+        class_weights=None,
+        device=torch.device("cpu"),
+        train_feats=feats,
+        train_y=y,
+        valid_feats=feats[0],
+    )
     phase.read_every = read_every  # what a GPU phase does: LOSS_READ_EVERY
     return phase
 

@@ -1,4 +1,5 @@
 """Ensembles: runs validated on the same images become one model folder every command takes."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE_ROOT, one_torch_thread
-from pneumo.infer.ensemble import make_ensemble
 from pneumo.errors import ModelError, PneumoError
+from pneumo.infer.ensemble import make_ensemble
 from pneumo.infer.explain import explain_image
 from pneumo.infer.model_folder import EnsembleModel, load_model
 from pneumo.infer.predict import evaluate_model_on_folder, predict_files
-from pneumo.train.loop import train
+from pneumo.training.loop import train
 
 FAST = dict(epochs=1, image_size=64, progress=False)
 

@@ -1,4 +1,5 @@
 """Metrics against answers worked out by hand on small arrays."""
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,15 @@ P10 = np.array([0.95, 0.85, 0.70, 0.45, 0.30, 0.60, 0.40, 0.20, 0.15, 0.05])
 Y10 = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
 
 
-@pytest.mark.parametrize("classes, expected", [
-    (["NORMAL", "PNEUMONIA"], 1),
-    (["pneumonia", "normal"], 0),
-    (["NORMAL", "BACTERIA", "Pneumonia"], 2),
-    (["cat", "dog"], 1),
-])
+@pytest.mark.parametrize(
+    "classes, expected",
+    [
+        (["NORMAL", "PNEUMONIA"], 1),
+        (["pneumonia", "normal"], 0),
+        (["NORMAL", "BACTERIA", "Pneumonia"], 2),
+        (["cat", "dog"], 1),
+    ],
+)
 def test_positive_index(classes, expected):
     assert ev.positive_index(classes) == expected
 
@@ -37,8 +41,16 @@ def test_binary_metrics_by_hand():
     m = ev.binary_metrics(P10, Y10, 0.5)
     assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (3, 1, 4, 2)
     assert (m["n"], m["n_pos"], m["n_neg"]) == (10, 5, 5)
-    expected = {"accuracy": 0.7, "error_rate": 0.3, "sensitivity": 0.6, "specificity": 0.8,
-                "ppv": 0.75, "npv": 4 / 6, "f1": 6 / 9, "roc_auc": 0.88}
+    expected = {
+        "accuracy": 0.7,
+        "error_rate": 0.3,
+        "sensitivity": 0.6,
+        "specificity": 0.8,
+        "ppv": 0.75,
+        "npv": 4 / 6,
+        "f1": 6 / 9,
+        "roc_auc": 0.88,
+    }
     for key, value in expected.items():
         assert m[key] == pytest.approx(value), key
 
@@ -73,11 +85,14 @@ def test_weights_change_predictive_values_not_sensitivity():
     assert m["n"] == 10
 
 
-@pytest.mark.parametrize("labels, target", [
-    ([1, 1, 1, 0], 0.625),
-    ([1, 0, 0, 0, 0], 0.5),
-    ([1] * 74 + [0] * 26, 0.625),
-])
+@pytest.mark.parametrize(
+    "labels, target",
+    [
+        ([1, 1, 1, 0], 0.625),
+        ([1, 0, 0, 0, 0], 0.5),
+        ([1] * 74 + [0] * 26, 0.625),
+    ],
+)
 def test_prevalence_weights_hit_the_target(labels, target):
     y = np.array(labels)
     w = ev.prevalence_weights(y, 1, target)
@@ -131,11 +146,14 @@ def test_sensitivity_target_is_met_on_random_scores():
     assert ev.binary_metrics(p, y, higher)["sensitivity"] < 0.95
 
 
-@pytest.mark.parametrize("method, expected", [
-    ("youden", ("youden", None)),
-    (" Sensitivity:0.9 ", ("sensitivity", 0.9)),
-    ("fixed:0", ("fixed", 0.0)),
-])
+@pytest.mark.parametrize(
+    "method, expected",
+    [
+        ("youden", ("youden", None)),
+        (" Sensitivity:0.9 ", ("sensitivity", 0.9)),
+        ("fixed:0", ("fixed", 0.0)),
+    ],
+)
 def test_parse_threshold_method(method, expected):
     assert ev.parse_threshold_method(method) == expected
 
@@ -268,8 +286,16 @@ def _probs2(p_pos: np.ndarray) -> np.ndarray:
 def test_evaluate_predictions_binary_report():
     sub = ["bacteria", "virus", "bacteria", "virus", "bacteria", None, None, None, None, None]
     logits = np.log(_probs2(P10))
-    r = ev.evaluate_predictions(_probs2(P10), Y10, ["NORMAL", "PNEUMONIA"], threshold=0.5, logits=logits,
-                                subtypes=sub, groups=np.arange(10) // 2, n_boot=200)
+    r = ev.evaluate_predictions(
+        _probs2(P10),
+        Y10,
+        ["NORMAL", "PNEUMONIA"],
+        threshold=0.5,
+        logits=logits,
+        subtypes=sub,
+        groups=np.arange(10) // 2,
+        n_boot=200,
+    )
     json.dumps(r, allow_nan=False)
     assert r["task"] == "binary" and r["positive_class"] == "PNEUMONIA" and r["n"] == 10
     assert r["confusion_matrix"] == [[4, 1], [2, 3]]  # [[tn, fp], [fn, tp]]
@@ -308,11 +334,14 @@ def test_evaluate_predictions_multiclass():
     assert np.array(r["confusion_matrix"]).sum() == 300
 
 
-@pytest.mark.parametrize("probs, labels", [
-    (np.zeros((3, 2)), np.array([0, 1])),           # row count mismatch
-    (np.zeros((2, 3)), np.array([0, 1])),           # class count mismatch
-    (np.full((2, 2), 0.5), np.array([0, 2])),       # label out of range
-])
+@pytest.mark.parametrize(
+    "probs, labels",
+    [
+        (np.zeros((3, 2)), np.array([0, 1])),  # row count mismatch
+        (np.zeros((2, 3)), np.array([0, 1])),  # class count mismatch
+        (np.full((2, 2), 0.5), np.array([0, 2])),  # label out of range
+    ],
+)
 def test_evaluate_predictions_rejects_bad_shapes(probs, labels):
     with pytest.raises(PneumoError):
         ev.evaluate_predictions(probs, labels, ["NORMAL", "PNEUMONIA"], n_boot=0)

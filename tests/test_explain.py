@@ -1,22 +1,26 @@
 """Grad-CAM (checked against pytorch_grad_cam), overlays at full resolution, and top losses."""
+
 from __future__ import annotations
 
 import csv
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from pneumo.errors import ImageError, PneumoError
-from pneumo.infer.explain import decide, explain_image, gradcam_heatmap, interpret_run
 from pneumo.data.imaging import prepare
+from pneumo.errors import ImageError, PneumoError
+from pneumo.infer.explain import explain_image, gradcam_heatmap
 from pneumo.infer.model_folder import LoadedModel, ModelMeta, load_model
+from pneumo.model_meta import write_model_meta
 from pneumo.nets.models import BACKBONES, create_model
+from pneumo.report.interpret import interpret_run
+from pneumo.run_folder import RunFolder, ValidPredictions
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "sample_data" / "chest_xray"
 from conftest import SHARED_DATA, one_torch_thread  # noqa: E402
@@ -83,8 +87,9 @@ def test_gradcam_rejects_wrong_input(trained_run: Path) -> None:
         gradcam_heatmap(model, PIXELS, 5)
 
 
-def test_explain_image_writes_overlay_at_original_resolution(trained_run: Path, fullres_image: Path,
-                                                            tmp_path: Path) -> None:
+def test_explain_image_writes_overlay_at_original_resolution(
+    trained_run: Path, fullres_image: Path, tmp_path: Path
+) -> None:
     result = explain_image(trained_run / "model", fullres_image, tmp_path / "heat.png")
     with Image.open(fullres_image) as original, Image.open(result["out"]) as overlay:
         assert overlay.size == original.size and overlay.mode == "RGB"
@@ -132,25 +137,34 @@ def test_chosen_class_alpha_and_errors(trained_run: Path, tmp_path: Path) -> Non
 
 # ---------------------------------------------------------------------------------- interpret_run
 def _fake_run(run: Path, threshold: float) -> list[Path]:
-    """A run folder with four predictions over real small JPEGs, one of them missing on disk."""
-    (run / "model").mkdir(parents=True)
-    (run / "model" / "model.json").write_text(json.dumps(
-        {"arch": "resnet18", "classes": ["NORMAL", "PNEUMONIA"], "image_size": 64, "threshold": threshold,
-         "positive_class": "PNEUMONIA"}))
+    """A run folder (written through RunFolder) with four predictions over small JPEGs, one missing."""
+    folder = RunFolder(run)
+    classes = ["NORMAL", "PNEUMONIA"]
+    write_model_meta(
+        folder.model_dir / "model.json",
+        ModelMeta(arch="resnet18", classes=classes, image_size=64, threshold=threshold, positive_class="PNEUMONIA"),
+    )
     paths = []
     for i in range(4):
         paths.append(run / f"img{i}.jpeg")
         Image.new("L", (90, 70), 60 * i).save(paths[i])
     paths[3].unlink()
-    rows = [("NORMAL", 0.10, paths[0]),      # right, loss -log 0.90 (p is p(PNEUMONIA))
-            ("PNEUMONIA", 0.60, paths[1]),   # argmax right, but below the 0.7 threshold: wrong
-            ("NORMAL", 0.99, paths[2]),      # worst: -log 0.01
-            ("PNEUMONIA", 0.20, paths[3])]   # wrong, -log 0.20; image missing
-    with (run / "valid_predictions.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label", "patient", "prob_NORMAL", "prob_PNEUMONIA"])
-        for label, p, path in rows:
-            w.writerow([path, label, "x", f"{1 - p:.6f}", f"{p:.6f}"])
+    rows = [
+        ("NORMAL", 0.10, paths[0]),  # right, loss -log 0.90 (p is p(PNEUMONIA))
+        ("PNEUMONIA", 0.60, paths[1]),  # argmax right, but below the 0.7 threshold: wrong
+        ("NORMAL", 0.99, paths[2]),  # worst: -log 0.01
+        ("PNEUMONIA", 0.20, paths[3]),
+    ]  # wrong, -log 0.20; image missing
+    p = np.array([r[1] for r in rows])
+    folder.write_predictions(
+        ValidPredictions(
+            classes,
+            [str(r[2]) for r in rows],
+            np.array([classes.index(r[0]) for r in rows]),
+            ["x"] * 4,
+            np.stack([1 - p, p], axis=1),
+        )
+    )
     return paths
 
 
@@ -171,13 +185,6 @@ def test_interpret_run_ranks_losses_and_respects_threshold(tmp_path: Path) -> No
             assert img.format == "PNG" and img.width > 200
     with pytest.raises(PneumoError, match="k must be"):
         interpret_run(run, k=0)
-
-
-def test_decide_counts_a_score_rounded_just_below_the_threshold() -> None:
-    classes = ["NORMAL", "PNEUMONIA"]
-    probs = np.array([[0.3, 0.700000], [0.31, 0.69], [0.7, 0.3]])  # the first was 0.7000004 before rounding
-    assert decide(probs, classes, 0.7000004, "PNEUMONIA").tolist() == [1, 0, 0]
-    assert decide(probs, ["A", "B"], 0.9, None).tolist() == [1, 1, 0]  # no positive class: argmax
 
 
 def test_interpret_run_on_a_trained_run(trained_run: Path, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
 """The one-cycle schedule and the LR range test."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 import pneumo
-from pneumo.train.lr_finder import find_lr, lr_find, minimum, range_test, steep, valley
-from pneumo.train.schedule import cosine, discriminative_lrs, one_cycle, one_cycle_momentum
+from pneumo.training.lr_finder import find_lr, lr_find, minimum, range_test, steep, valley
+from pneumo.training.schedule import cosine, discriminative_lrs, one_cycle, one_cycle_momentum
 
 SAMPLE = Path(pneumo.__file__).parent / "sample_data" / "chest_xray"
 
@@ -23,7 +24,7 @@ def test_one_cycle_hits_its_landmarks(pos, expected):
 def test_one_cycle_rises_then_falls_and_momentum_mirrors_it():
     lrs = [one_cycle(p / 100, 1.0) for p in range(101)]
     peak = int(np.argmax(lrs))
-    assert peak == 25 and all(np.diff(lrs[:peak + 1]) > 0) and all(np.diff(lrs[peak:]) < 0)
+    assert peak == 25 and all(np.diff(lrs[: peak + 1]) > 0) and all(np.diff(lrs[peak:]) < 0)
     assert one_cycle_momentum(0.25) == pytest.approx(0.85) and one_cycle_momentum(0) == pytest.approx(0.95)
     assert cosine(1, 3, 0.5) == pytest.approx(2)
 
@@ -46,7 +47,7 @@ def test_valley_sits_on_the_descent_even_after_an_early_spike(spike):
     lrs, losses = synthetic_curve(spike=spike)
     lr = valley(lrs, losses)
     assert isinstance(lr, float)
-    assert 1e-4 < lr < 1e-1   # the falling part of the curve, far from the spike and the blow-up
+    assert 1e-4 < lr < 1e-1  # the falling part of the curve, far from the spike and the blow-up
     assert 1e-4 < steep(lrs, losses) < 1e-1
     assert minimum(lrs, losses) < lrs[int(np.argmin(losses))]
 
@@ -64,15 +65,26 @@ def test_range_test_stops_when_the_loss_diverges():
 
 
 def test_lr_find_restores_the_weights_it_perturbed(tmp_path):
-    from pneumo.train.phases import HeadOnFeatures, make_optimizer
     from pneumo.nets.models import create_model
+    from pneumo.training.phases import HeadOnFeatures, make_optimizer
+
     model = create_model("efficientnet_lite0", pretrained="none")
     feats = torch.randn(1, 256, model.head[0].num_features)
     y = (feats[0, :, 0] > 0).long()
     opt = make_optimizer([list(model.head.parameters())], [1e-3], 0.01)
-    phase = HeadOnFeatures(model, opt, 1, 32, n_train=256, generator=torch.Generator().manual_seed(0),
-                           class_weights=None, device=torch.device("cpu"), train_feats=feats, train_y=y,
-                           valid_feats=feats[0])
+    phase = HeadOnFeatures(
+        model,
+        opt,
+        1,
+        32,
+        n_train=256,
+        generator=torch.Generator().manual_seed(0),
+        class_weights=None,
+        device=torch.device("cpu"),
+        train_feats=feats,
+        train_y=y,
+        valid_feats=feats[0],
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = find_lr(model, phase, num_it=60)
     assert len(result.lrs) > 10

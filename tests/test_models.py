@@ -1,4 +1,5 @@
 """Backbones, weights and the grey first convolution."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,6 +44,7 @@ def test_local_resnet_checkpoint_is_loaded_with_summed_first_conv(tmp_path, suff
         torch.save({"state_dict": state}, path)
     else:
         from safetensors.torch import save_file
+
         save_file(state, str(path))
     model = create_model("resnet18", pretrained="imagenet", weights=str(path))
     body = model.body.state_dict()
@@ -80,9 +82,13 @@ def test_lite0_wheel_weights_are_imagenet_weights():
 def test_grey_body_equals_the_rgb_body_on_a_grey_image():
     """Summing the first conv over RGB is exact for lite0 (mean = std = 0.5 on every channel)."""
     rgb = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0, global_pool="").eval()
-    rgb.load_state_dict(_match_by_position(
-        {k: v for k, v in wheel_state_dict("efficientnet_lite0").items() if not k.startswith("_fc.")},
-        rgb.state_dict(), "wheel"))
+    rgb.load_state_dict(
+        _match_by_position(
+            {k: v for k, v in wheel_state_dict("efficientnet_lite0").items() if not k.startswith("_fc.")},
+            rgb.state_dict(),
+            "wheel",
+        )
+    )
     grey = create_model("efficientnet_lite0", pretrained="imagenet").eval()
     x = torch.rand(2, 1, 96, 96)
     with torch.no_grad():
@@ -119,7 +125,7 @@ def test_the_body_is_its_chain_of_stages_so_any_cut_gives_the_same_logits(arch):
 @pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18"])
 def test_folding_batchnorm_into_the_convolutions_keeps_the_outputs(arch):
     """Features are computed by a copy with BatchNorm folded in: it must give what the model gives."""
-    from pneumo.train.features import fold_batchnorm
+    from pneumo.training.features import fold_batchnorm
 
     torch.manual_seed(0)
     model = create_model(arch, pretrained="none").eval()
@@ -139,10 +145,13 @@ def test_folding_batchnorm_into_the_convolutions_keeps_the_outputs(arch):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
 
 
-@pytest.mark.parametrize("arch, early_last, late_first", [
-    ("efficientnet_lite0", "blocks.3", "blocks.4"),   # stem + 4 MBConv stages | 3 stages + 1x1 head conv
-    ("resnet18", "layer2", "layer3"),                 # fastai's cut: stem..layer2 | layer3, layer4
-])
+@pytest.mark.parametrize(
+    "arch, early_last, late_first",
+    [
+        ("efficientnet_lite0", "blocks.3", "blocks.4"),  # stem + 4 MBConv stages | 3 stages + 1x1 head conv
+        ("resnet18", "layer2", "layer3"),  # fastai's cut: stem..layer2 | layer3, layer4
+    ],
+)
 def test_parameter_groups_cut_the_body_between_stages(arch: str, early_last: str, late_first: str) -> None:
     model = create_model(arch, 2, pretrained="none")
     early, late, head = model.parameter_groups()

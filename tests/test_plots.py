@@ -1,4 +1,5 @@
 """Figures: valid PNGs, written atomically, closed after saving, overlays at the image's own size."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,22 +36,38 @@ def test_backend_is_agg():
 GREY = (np.arange(60 * 80) % 256).astype(np.uint8).reshape(60, 80)
 
 CASES = {
-    "lr_find": lambda p: plots.plot_lr_find([1e-6, 1e-4, 1e-2, 1.0], [0.7, 0.5, 0.4, 3.0], 1e-3, p,
-                                            extra_suggestions={"valley": 1e-4}),
+    "lr_find": lambda p: plots.plot_lr_find(
+        [1e-6, 1e-4, 1e-2, 1.0], [0.7, 0.5, 0.4, 3.0], 1e-3, p, extra_suggestions={"valley": 1e-4}
+    ),
     "lr_find_no_suggestion": lambda p: plots.plot_lr_find([1e-5, 1e-3], [0.6, 0.5], None, p),
     "curves": lambda p: plots.plot_training_curves(
-        [{"epoch": 1, "phase": "frozen", "train_loss": 0.6, "valid_loss": 0.5, "error_rate": 0.2},
-         {"epoch": 1, "phase": "unfrozen", "train_loss": 0.4, "valid_loss": None, "error_rate": 0.1}], p),
+        [
+            {"epoch": 1, "phase": "frozen", "train_loss": 0.6, "valid_loss": 0.5, "error_rate": 0.2},
+            {"epoch": 1, "phase": "unfrozen", "train_loss": 0.4, "valid_loss": None, "error_rate": 0.1},
+        ],
+        p,
+    ),
     "confusion": lambda p: plots.plot_confusion_matrix([[40, 3], [5, 52]], ["NORMAL", "PNEUMONIA"], p),
     "confusion_weighted_3": lambda p: plots.plot_confusion_matrix(np.eye(3) * 2.5, ["a", "b", "c"], p),
     "roc": lambda p: plots.plot_roc([0, 0.1, 1], [0, 0.8, 1], 0.85, p, operating_point=(0.1, 0.8)),
     "roc_no_auc": lambda p: plots.plot_roc([0, 1], [0, 1], None, p),
     "reliability": lambda p: plots.plot_reliability(
-        [{"bin_lo": 0.5, "bin_hi": 0.75, "confidence": 0.6, "accuracy": 0.5, "count": 4},
-         {"bin_lo": 0.75, "bin_hi": 1.0, "confidence": 0.9, "accuracy": 1.0, "count": 6},
-         {"bin_lo": 0.0, "bin_hi": 0.5, "confidence": None, "accuracy": None, "count": 0}], 0.07, p),
-    "grid": lambda p: plots.plot_image_grid([GREY, np.stack([GREY] * 3, axis=2), GREY], ["a", "b", "c"], p,
-                                            ncols=2, suptitle="batch", title_colors=["black", "#D55E00", "black"]),
+        [
+            {"bin_lo": 0.5, "bin_hi": 0.75, "confidence": 0.6, "accuracy": 0.5, "count": 4},
+            {"bin_lo": 0.75, "bin_hi": 1.0, "confidence": 0.9, "accuracy": 1.0, "count": 6},
+            {"bin_lo": 0.0, "bin_hi": 0.5, "confidence": None, "accuracy": None, "count": 0},
+        ],
+        0.07,
+        p,
+    ),
+    "grid": lambda p: plots.plot_image_grid(
+        [GREY, np.stack([GREY] * 3, axis=2), GREY],
+        ["a", "b", "c"],
+        p,
+        ncols=2,
+        suptitle="batch",
+        title_colors=["black", "#D55E00", "black"],
+    ),
 }
 
 
@@ -65,20 +82,23 @@ def test_each_figure_writes_a_valid_png(tmp_path, name):
 def test_save_figure_replaces_an_existing_file(tmp_path):
     path = tmp_path / "fig.png"
     path.write_bytes(b"old")
-    fig, ax = plt.subplots()
+    fig, ax = plots.subplots(figsize=(3, 2))
     ax.plot([0, 1])
     plots.save_figure(fig, path)
     _png_size(path)
 
 
-@pytest.mark.parametrize("call", [
-    lambda p: plots.plot_lr_find([1e-3, 1e-2], [0.5], None, p),
-    lambda p: plots.plot_lr_find([], [], None, p),
-    lambda p: plots.plot_training_curves([], p),
-    lambda p: plots.plot_confusion_matrix([[1, 2], [3, 4]], ["a", "b", "c"], p),
-    lambda p: plots.plot_image_grid([], [], p),
-    lambda p: plots.plot_image_grid([GREY, GREY], ["only one title"], p),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p: plots.plot_lr_find([1e-3, 1e-2], [0.5], None, p),
+        lambda p: plots.plot_lr_find([], [], None, p),
+        lambda p: plots.plot_training_curves([], p),
+        lambda p: plots.plot_confusion_matrix([[1, 2], [3, 4]], ["a", "b", "c"], p),
+        lambda p: plots.plot_image_grid([], [], p),
+        lambda p: plots.plot_image_grid([GREY, GREY], ["only one title"], p),
+    ],
+)
 def test_bad_inputs_raise_a_pneumo_error_and_write_nothing(tmp_path, call):
     path = tmp_path / "bad.png"
     with pytest.raises(PneumoError):
@@ -90,7 +110,7 @@ def test_overlay_blends_by_alpha_with_known_colours():
     grey = np.full((5, 7), 100, dtype=np.uint8)
     cold = np.asarray(matplotlib.colormaps["inferno"](0.0)[:3]) * 255
     hot = np.asarray(matplotlib.colormaps["inferno"](1.0)[:3]) * 255
-    assert (plots.overlay_heatmap_array(grey, np.zeros((2, 2)), alpha=0.0) == 100).all()
+    assert (plots.overlay_heatmap_array(grey, np.zeros((2, 2)), alpha=0.0, cmap="viridis") == 100).all()
     half = plots.overlay_heatmap_array(grey, np.zeros((2, 2)), alpha=0.5, cmap="inferno")
     assert half.shape == (5, 7, 3) and half.dtype == np.uint8
     assert np.abs(half[0, 0] - (50 + 0.5 * cold)).max() <= 1
@@ -113,18 +133,40 @@ def test_heatmap_overlay_png_has_the_images_own_size_and_changes_pixels(tmp_path
     rng = np.random.default_rng(0)
     grey = rng.integers(0, 256, shape, dtype=np.uint8)
     heat = rng.random((7, 7))
-    path = plots.plot_heatmap_overlay(grey, heat, tmp_path / "cam.png", alpha=0.4, title="PNEUMONIA 0.93")
+    path = plots.plot_heatmap_overlay(
+        grey, heat, tmp_path / "cam.png", alpha=0.4, cmap="viridis", title="PNEUMONIA 0.93"
+    )
     assert _png_size(path) == (shape[1], shape[0])
     with Image.open(path) as img:
         pixels = np.asarray(img.convert("RGB")).astype(int)
     assert np.abs(pixels - grey[..., None]).mean() > 5
 
 
-@pytest.mark.parametrize("grey, heat, alpha", [
-    (np.zeros((4, 4, 3), dtype=np.uint8), np.zeros((2, 2)), 0.4),
-    (np.zeros((4, 4), dtype=np.uint8), np.zeros(4), 0.4),
-    (np.zeros((4, 4), dtype=np.uint8), np.zeros((2, 2)), 1.5),
-])
+@pytest.mark.parametrize(
+    "grey, heat, alpha",
+    [
+        (np.zeros((4, 4, 3), dtype=np.uint8), np.zeros((2, 2)), 0.4),
+        (np.zeros((4, 4), dtype=np.uint8), np.zeros(4), 0.4),
+        (np.zeros((4, 4), dtype=np.uint8), np.zeros((2, 2)), 1.5),
+    ],
+)
 def test_overlay_rejects_bad_inputs(grey, heat, alpha):
     with pytest.raises(PneumoError):
-        plots.overlay_heatmap_array(grey, heat, alpha)
+        plots.overlay_heatmap_array(grey, heat, alpha, cmap="viridis")
+
+
+def test_importing_and_drawing_leave_matplotlib_backend_alone(tmp_path) -> None:
+    """A notebook's inline backend must survive `import pneumo...` and a drawn figure."""
+    import subprocess
+    import sys
+
+    code = (
+        "import matplotlib; matplotlib.use('svg'); before = matplotlib.get_backend()\n"
+        "import pneumo.plots, pneumo.infer.explain, pneumo.report.interpret\n"
+        f"pneumo.plots.plot_roc([0, 0.5, 1], [0, 0.8, 1], 0.8, r'{tmp_path / 'roc.png'}')\n"
+        "assert matplotlib.get_backend() == before, (before, matplotlib.get_backend())\n"
+        "import matplotlib.pyplot as plt; assert plt.get_fignums() == []\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "roc.png").stat().st_size > 1000

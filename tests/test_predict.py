@@ -1,4 +1,5 @@
 """Inference paths: fixed predictions on shipped images, predict and evaluate from the CLI."""
+
 from __future__ import annotations
 
 import csv
@@ -12,12 +13,12 @@ import torch
 from PIL import Image
 
 import pneumo
-from pneumo.data.cache import decode_images
 from pneumo.cli import main
+from pneumo.data.cache import decode_images
 from pneumo.data.imaging import prepare
-from pneumo.nets.models import create_model
 from pneumo.infer.predict import evaluate_model_on_folder, predict_files
-from pneumo.train.loop import train
+from pneumo.nets.models import create_model
+from pneumo.training.loop import train
 
 SAMPLE = Path(pneumo.__file__).parent / "sample_data" / "chest_xray"
 FIXTURE = json.loads((Path(__file__).parent / "data" / "regression.json").read_text())
@@ -52,15 +53,17 @@ def test_the_same_xray_as_16_bit_or_rgb_png_gives_the_same_prediction(lite0, tmp
     grey = np.asarray(Image.open(source).convert("L"))
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "x16.png")
     Image.open(source).convert("RGB").save(tmp_path / "rgb.png")
-    logits = probe_logit(lite0, np.stack([prepare(p, size) for p in (source, tmp_path / "x16.png",
-                                                                      tmp_path / "rgb.png")]))
+    logits = probe_logit(
+        lite0, np.stack([prepare(p, size) for p in (source, tmp_path / "x16.png", tmp_path / "rgb.png")])
+    )
     assert logits[1] == pytest.approx(logits[0], abs=0.1) and logits[2] == pytest.approx(logits[0], abs=1e-6)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return train(SAMPLE, out=str(tmp_path_factory.mktemp("p") / "run"), epochs=2, image_size=64,
-                 progress=False).model_dir
+    return train(
+        SAMPLE, out=str(tmp_path_factory.mktemp("p") / "run"), epochs=2, image_size=64, progress=False
+    ).model_dir
 
 
 def test_predict_cli_formats_and_bad_files(model_dir, tmp_path, capsys):

@@ -1,8 +1,8 @@
 """The run report: one offline HTML page from whatever a run folder holds."""
+
 from __future__ import annotations
 
 import base64
-import csv
 import io
 import json
 import re
@@ -13,8 +13,12 @@ import pytest
 from PIL import Image
 
 import pneumo.evaluation.metrics as ev
+from pneumo.config import TrainConfig
 from pneumo.errors import PneumoError
+from pneumo.model_meta import ModelMeta, write_model_meta
 from pneumo.report.html import worst_mistakes, write_report
+from pneumo.report.interpret import interpret_run
+from pneumo.run_folder import RunFolder, ValidPredictions
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
 P10 = np.array([0.95, 0.85, 0.70, 0.45, 0.30, 0.60, 0.40, 0.20, 0.15, 0.05])
@@ -34,35 +38,49 @@ def _jpeg(path: Path, size: tuple[int, int] = (300, 240)) -> Path:
 
 
 def _make_run(run: Path, images: Path) -> None:
-    """A run folder as the trainer writes it, with three real JPEGs among the predictions."""
-    run.mkdir()
+    """A run folder written through RunFolder, as the trainer writes it, with three real JPEGs."""
     images.mkdir()
-    (run / "config.json").write_text(json.dumps(
-        {"arch": "resnet34", "epochs": 4, "lr": 0.001, "seed": 42, "split_method": "patient",
-         "note": "<script>alert(1)</script>"}))
-    (run / "metrics.csv").write_text("epoch,phase,train_loss,valid_loss,error_rate,time\n"
-                                     "1,frozen,0.61,0.52,0.21,00:30\n2,unfrozen,0.40,0.35,0.12,00:41\n")
+    folder = RunFolder(run)
+    folder.write_config(
+        TrainConfig(
+            data=str(images / "<script>alert(1)</script>"),
+            arch="resnet34",
+            epochs=4,
+            lr=0.001,
+            seed=42,
+            split="patient",
+        )
+    )
+    folder.write_metrics(
+        [
+            {"epoch": 1, "phase": "frozen", "train_loss": 0.61, "valid_loss": 0.52, "error_rate": 0.21, "time": 30.0},
+            {"epoch": 2, "phase": "unfrozen", "train_loss": 0.40, "valid_loss": 0.35, "error_rate": 0.12, "time": 41.0},
+        ]
+    )
     for i, name in enumerate(["curves.png", "lr_find.png", "confusion_matrix.png", "roc.png", "reliability.png"]):
         (run / name).write_bytes(_png(40 * i))
     subtypes = ["bacteria", "virus", "bacteria", "virus", "bacteria"] + [None] * 5
-    report = ev.evaluate_predictions(np.stack([1 - P10, P10], axis=1), Y10, CLASSES, threshold=0.5,
-                                     subtypes=subtypes, n_boot=100, reweight_to=0.625)
-    (run / "valid_eval.json").write_text(json.dumps(report))
-    (run / "model").mkdir()
-    (run / "model" / "model.json").write_text(json.dumps(
-        {"classes": CLASSES, "image_size": 224, "arch": "resnet34", "threshold": 0.5}))
+    probs = np.stack([1 - P10, P10], axis=1)
+    report = ev.evaluate_predictions(
+        probs, Y10, CLASSES, threshold=0.5, subtypes=subtypes, n_boot=100, reweight_to=0.625
+    )
+    folder.write_evaluation(report)
+    write_model_meta(
+        folder.model_dir / "model.json",
+        ModelMeta(arch="resnet34", classes=CLASSES, image_size=224, threshold=0.5, positive_class="PNEUMONIA"),
+    )
     # Worst by -log p(true): pneumonia at 0.30 (1.20), at 0.45 (0.80), normal at 0.60 (0.92).
-    paths = {0.30: _jpeg(images / "person1_virus_2.jpeg"), 0.60: _jpeg(images / "IM-0001.jpeg"),
-             0.45: images / "gone.jpeg"}  # listed but missing on disk
+    paths = {
+        0.30: _jpeg(images / "person1_virus_2.jpeg"),
+        0.60: _jpeg(images / "IM-0001.jpeg"),
+        0.45: images / "gone.jpeg",
+    }  # listed but missing on disk
     _jpeg(images / "person3_bacteria_7.jpeg")
-    with (run / "valid_predictions.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label", "patient", "prob_NORMAL", "prob_PNEUMONIA"])
-        for i, (p, y) in enumerate(zip(P10, Y10)):
-            path = paths.get(float(p), images / f"other_{i}.jpeg")
-            if i == 0:
-                path = images / "person3_bacteria_7.jpeg"
-            w.writerow([str(path), CLASSES[y], f"p{i}", f"{1 - p:.4f}", f"{p:.4f}"])
+    listed = [paths.get(float(p), images / f"other_{i}.jpeg") for i, p in enumerate(P10)]
+    listed[0] = images / "person3_bacteria_7.jpeg"
+    folder.write_predictions(
+        ValidPredictions(CLASSES, [str(p) for p in listed], Y10, [f"p{i}" for i in range(10)], probs)
+    )
 
 
 @pytest.fixture
@@ -90,8 +108,18 @@ def test_full_report_is_self_contained(full_run):
 def test_full_report_shows_the_numbers(full_run):
     page = write_report(full_run).read_text()
     # At 0.5: sensitivity 3/5, specificity 4/5, PPV 3/4, AUC 22/25.
-    for text in ["60.0%", "80.0%", "75.0%", "0.880", "resnet34", "Expected calibration error",
-                 "bacteria", "virus", "re-weighted to 62.5% positive", "TP 3, FP 1, TN 4, FN 2"]:
+    for text in [
+        "60.0%",
+        "80.0%",
+        "75.0%",
+        "0.880",
+        "resnet34",
+        "Expected calibration error",
+        "bacteria",
+        "virus",
+        "re-weighted to 62.5% positive",
+        "TP 3, FP 1, TN 4, FN 2",
+    ]:
         assert text in page, text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # config text is escaped
     # Worst mistakes appear in order of loss; a missing file is noted, not fatal.
@@ -100,14 +128,15 @@ def test_full_report_shows_the_numbers(full_run):
     assert "7 of 10 image files were not found" in page
 
 
-def test_reweighted_metrics_as_the_trainer_writes_them(full_run):
+def test_reweighted_metrics_of_older_runs_are_read(full_run):
+    """Runs before the run_folder module stored bare re-weighted metrics under another key."""
     ev_path = full_run / "valid_eval.json"
     report = json.loads(ev_path.read_text())
     block = report.pop("reweighted")
-    report["reweighted_to_test_balance"] = block["metrics"]  # bare metrics, no stated target
+    report["reweighted_to_test_balance"] = block["metrics"]
     ev_path.write_text(json.dumps(report))
     page = write_report(full_run).read_text()
-    assert "re-weighted to 62.5% positive" in page  # recovered from the weighted counts
+    assert "re-weighted to 62.5% positive" in page
 
 
 def test_report_written_to_a_chosen_path(full_run, tmp_path):
@@ -118,7 +147,7 @@ def test_report_written_to_a_chosen_path(full_run, tmp_path):
 def test_run_folder_missing_optional_files_still_yields_a_page(tmp_path):
     run = tmp_path / "bare"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"arch": "resnet18", "split_method": "random"}))
+    RunFolder(run).write_config(TrainConfig(data="somewhere", arch="resnet18", split="random"))
     page = write_report(run).read_text()
     assert "resnet18" in page
     for name in ["valid_eval.json", "metrics.csv", "valid_predictions.csv", "curves.png", "roc.png"]:
@@ -135,7 +164,7 @@ def test_damaged_files_become_notes(tmp_path):
     (run / "valid_predictions.csv").write_text("path,label,prob_NORMAL,prob_PNEUMONIA\nx.jpeg,NORMAL,abc,0.5\n")
     page = write_report(run).read_text()
     assert "config.json could not be read" in page
-    assert "does not hold an evaluation" in page
+    assert "valid_eval.json could not be read (does not hold an evaluation object)" in page
     assert "No usable rows" in page
 
 
@@ -144,13 +173,31 @@ def test_missing_run_folder_is_a_pneumo_error(tmp_path):
         write_report(tmp_path / "nope")
 
 
-def test_worst_mistakes_ranks_by_loss_of_the_true_class():
-    rows = [{"path": "a", "label": "NORMAL", "prob_NORMAL": "0.9", "prob_PNEUMONIA": "0.1"},
-            {"path": "b", "label": "PNEUMONIA", "prob_NORMAL": "0.8", "prob_PNEUMONIA": "0.2"},
-            {"path": "c", "label": "NORMAL", "prob_NORMAL": "0.4", "prob_PNEUMONIA": "0.6"},
-            {"path": "d", "label": "CAT", "prob_NORMAL": "0.4", "prob_PNEUMONIA": "0.6"}]
-    worst = worst_mistakes(rows, n=2)
+def test_worst_mistakes_ranks_by_loss_and_decides_as_the_model_does():
+    preds = ValidPredictions(
+        CLASSES,
+        ["a", "b", "c"],
+        np.array([0, 1, 0]),
+        ["pa", "pb", "pc"],
+        np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6]]),
+    )
+    worst = worst_mistakes(preds, n=2)
     assert [r["path"] for r in worst] == ["b", "c"]
     assert worst[0]["loss"] == pytest.approx(-np.log(0.2)) and worst[0]["pred"] == "NORMAL"
     # At an operating threshold of 0.15 the same image is called PNEUMONIA.
-    assert worst_mistakes(rows, n=1, threshold=0.15, positive="PNEUMONIA")[0]["pred"] == "PNEUMONIA"
+    meta = ModelMeta(arch="resnet18", classes=CLASSES, image_size=224, threshold=0.15, positive_class="PNEUMONIA")
+    assert worst_mistakes(preds, meta, n=1)[0]["pred"] == "PNEUMONIA"
+
+
+def test_report_and_interpret_agree_at_the_threshold(full_run):
+    """A film whose p(positive) equals the stored threshold is called positive by both readers."""
+    folder = RunFolder(full_run)
+    meta = folder.read_model_meta()
+    preds = folder.read_predictions()
+    meta.threshold = float(preds.probs[5, 1])  # exactly one stored score, as a Youden threshold is
+    write_model_meta(folder.model_dir / "model.json", meta)
+    interpreted = interpret_run(full_run, k=10)
+    reported = {r["path"]: r["pred"] for r in worst_mistakes(folder.read_predictions(), folder.read_model_meta(), n=10)}
+    for row in interpreted["top_losses"]:
+        assert reported[row["path"]] == row["predicted"]
+    assert reported[preds.paths[5]] == "PNEUMONIA"

@@ -1,4 +1,5 @@
 """The web API: good images read, every bad upload refused with a clear 4xx, never a 500."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,8 +8,8 @@ import io
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -16,11 +17,11 @@ from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import one_torch_thread  # noqa: E402
 from pneumo.data.imaging import prepare
 from pneumo.infer.model_folder import load_model
 from pneumo.serve.app import InferencePool, create_app
 
-from conftest import one_torch_thread  # noqa: E402
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "sample_data" / "chest_xray"
 STATIC = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "serve" / "static"
 
@@ -48,8 +49,10 @@ def xray_bytes(fmt: str, size: tuple[int, int] = (300, 240)) -> bytes:
 
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims ``width`` x ``height`` grey pixels: a decompression bomb."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * (width + 1) * 4, 9)  # a few rows of zeros; the rest never decoded
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
@@ -60,8 +63,9 @@ def post(client: TestClient, data: bytes, name: str = "x.jpeg", ctype: str = "im
 
 
 @pytest.mark.parametrize("fmt,ctype", [("JPEG", "image/jpeg"), ("PNG", "image/png")])
-def test_good_image_gives_label_probability_threshold_heatmap(client: TestClient, trained_run: Path,
-                                                              fmt: str, ctype: str) -> None:
+def test_good_image_gives_label_probability_threshold_heatmap(
+    client: TestClient, trained_run: Path, fmt: str, ctype: str
+) -> None:
     data = xray_bytes(fmt)
     r = post(client, data, f"xray.{fmt.lower()}", ctype)
     assert r.status_code == 200, r.text
@@ -83,16 +87,20 @@ def test_heatmap_can_be_left_out(client: TestClient) -> None:
     assert r.status_code == 200 and r.json()["heatmap_png_base64"] is None and r.json()["label"]
 
 
-@pytest.mark.parametrize("data,name,ctype,status,words", [
-    (b"just some notes, not an x-ray\n", "notes.jpeg", "image/jpeg", 415, "not a JPEG or PNG"),
-    (b"GIF89a" + bytes(40), "anim.gif", "image/gif", 415, "not a JPEG or PNG"),
-    (b"\x89PNG\r\n\x1a\n", "x.png", "text/plain", 415, "content type"),
-    (b"", "empty.png", "image/png", 422, "empty"),
-    (b"\xff\xd8\xff" + bytes(500), "zeros.jpeg", "image/jpeg", 422, "zeros.jpeg"),
-    (b"\x89PNG\r\n\x1a\n" + b"\xde\xad" * 100, "garbage.png", "image/png", 422, "garbage.png"),
-])
-def test_bad_uploads_are_refused_clearly(client: TestClient, data: bytes, name: str, ctype: str, status: int,
-                                         words: str) -> None:
+@pytest.mark.parametrize(
+    "data,name,ctype,status,words",
+    [
+        (b"just some notes, not an x-ray\n", "notes.jpeg", "image/jpeg", 415, "not a JPEG or PNG"),
+        (b"GIF89a" + bytes(40), "anim.gif", "image/gif", 415, "not a JPEG or PNG"),
+        (b"\x89PNG\r\n\x1a\n", "x.png", "text/plain", 415, "content type"),
+        (b"", "empty.png", "image/png", 422, "empty"),
+        (b"\xff\xd8\xff" + bytes(500), "zeros.jpeg", "image/jpeg", 422, "zeros.jpeg"),
+        (b"\x89PNG\r\n\x1a\n" + b"\xde\xad" * 100, "garbage.png", "image/png", 422, "garbage.png"),
+    ],
+)
+def test_bad_uploads_are_refused_clearly(
+    client: TestClient, data: bytes, name: str, ctype: str, status: int, words: str
+) -> None:
     r = post(client, data, name, ctype)
     assert r.status_code == status, r.text
     assert words in r.json()["detail"]
@@ -114,8 +122,8 @@ def test_too_large_upload_is_413(client: TestClient) -> None:
     def chunks():  # no Content-Length: the body is cut off while it streams in
         for _ in range(20):
             yield bytes(128 * 1024)
-    r = client.post("/api/predict", content=chunks(),
-                    headers={"content-type": "multipart/form-data; boundary=xyz"})
+
+    r = client.post("/api/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=xyz"})
     assert r.status_code == 413
 
 
@@ -136,7 +144,7 @@ def test_fuzzed_bytes_never_give_a_500(client: TestClient) -> None:
     for i in range(12):
         data = bytearray(good)
         spots = rng.integers(3, len(data), 40)
-        data[spots[0]:spots[0] + 1] = b""  # shift once, then scribble
+        data[spots[0] : spots[0] + 1] = b""  # shift once, then scribble
         for s in spots[1:]:
             if s < len(data):
                 data[s] = int(rng.integers(0, 256))

@@ -3,21 +3,31 @@
 Needs Debian's /usr/bin/chromium and the Playwright Python client (``tools/install_browser.sh``
 installs both; ``playwright install`` is never used, it downloads browsers from a CDN).
 """
+
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 from conftest import one_torch_thread  # noqa: E402
+
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "sample_data" / "chest_xray"
 
 if not CHROMIUM.exists():
@@ -61,15 +71,21 @@ def server(trained_run: Path):
 
 def test_page_reads_an_uploaded_xray(server: str, tmp_path: Path) -> None:
     image = sorted(SAMPLE.glob("test/PNEUMONIA/*.jpeg"))[0]
-    expected = httpx.post(f"{server}/api/predict", params={"heatmap": "false"},
-                          files={"file": (image.name, image.read_bytes(), "image/jpeg")}, timeout=60).json()
+    expected = httpx.post(
+        f"{server}/api/predict",
+        params={"heatmap": "false"},
+        files={"file": (image.name, image.read_bytes(), "image/jpeg")},
+        timeout=60,
+    ).json()
     outside, console_errors = [], []
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page()
-            page.on("request", lambda req: None if req.url.startswith((server, "data:", "blob:"))
-                    else outside.append(req.url))
+            page.on(
+                "request",
+                lambda req: None if req.url.startswith((server, "data:", "blob:")) else outside.append(req.url),
+            )
             page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
             page.goto(server + "/")
             sync_api.expect(page.locator("#model-info")).to_contain_text("efficientnet_lite0")

@@ -1,4 +1,5 @@
 """``pneumo show-batch``: a seeded grid of training images, labelled right, written as a PNG."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,11 +11,10 @@ from PIL import Image
 
 import pneumo.data.cache
 import pneumo.plots
-from pneumo.cli import main
-from pneumo.errors import PneumoError
-from pneumo.data.show import show_batch
-
 from conftest import KAGGLE_TREE
+from pneumo.cli import main
+from pneumo.data.show import show_batch
+from pneumo.errors import PneumoError
 
 # Flat images whose brightness gives their class away, so a title can be checked against its pixels.
 VALUES = {"NORMAL": 30, "PNEUMONIA": 220}

@@ -6,6 +6,7 @@ test images are stored. If decoding, resizing, grey conversion, normalisation or
 ever changes, the test's probabilities move. Rebuild only for a deliberate change:
     python tools/make_regression_fixture.py
 """
+
 from __future__ import annotations
 
 import json
@@ -35,13 +36,19 @@ def main() -> None:
     model = create_model("efficientnet_lite0", pretrained="imagenet").eval()
     data = discover(SAMPLE)
     train = data.split("train")
-    probe = LogisticRegression(C=0.05, max_iter=2000).fit(features(model, [s.path for s in train]),
-                                                          [s.label for s in train])
+    probe = LogisticRegression(C=0.05, max_iter=2000).fit(
+        features(model, [s.path for s in train]), [s.label for s in train]
+    )
     test = data.split("test")[::10]
     probs = probe.predict_proba(features(model, [s.path for s in test]))[:, 1]
-    out = {"image_size": SIZE, "coef": probe.coef_[0].round(6).tolist(), "intercept": float(probe.intercept_[0]),
-           "images": [str(s.path.relative_to(SAMPLE)) for s in test], "p_pneumonia": probs.round(6).tolist(),
-           "labels": [s.label for s in test]}
+    out = {
+        "image_size": SIZE,
+        "coef": probe.coef_[0].round(6).tolist(),
+        "intercept": float(probe.intercept_[0]),
+        "images": [str(s.path.relative_to(SAMPLE)) for s in test],
+        "p_pneumonia": probs.round(6).tolist(),
+        "labels": [s.label for s in test],
+    }
     (ROOT / "tests" / "data" / "regression.json").write_text(json.dumps(out) + "\n")
     print(list(zip(out["images"], out["p_pneumonia"], out["labels"])))
 

@@ -4,6 +4,7 @@ Run once by a maintainer; kept so that the sample can be traced and rebuilt:
     python tools/make_sample_data.py ../shared/data/chest_xray_224/train
 Patients are kept whole and disjoint between the sample's train and test folders.
 """
+
 from __future__ import annotations
 
 import random
@@ -44,8 +45,9 @@ def main(source: str) -> None:
         for cls in ("NORMAL", "PNEUMONIA"):
             files = sorted((src / cls).glob("*.jpeg"))
             if cls == "PNEUMONIA":  # half bacterial, half viral, as a user would want to see both
-                chosen = (pick([f for f in files if subtype_of(f.name) == "bacteria"], n // 2, used, rng)
-                          + pick([f for f in files if subtype_of(f.name) == "virus"], n - n // 2, used, rng))
+                chosen = pick([f for f in files if subtype_of(f.name) == "bacteria"], n // 2, used, rng) + pick(
+                    [f for f in files if subtype_of(f.name) == "virus"], n - n // 2, used, rng
+                )
             else:
                 chosen = pick(files, n, used, rng)
             dest = OUT / split / cls

@@ -2,17 +2,28 @@
 
 Heavy imports (torch) happen inside the handlers, so ``pneumo --help`` answers at once.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import Field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from pneumo.version import __version__
-from pneumo.config import TrainConfig as D  # the defaults the help texts quote
+from pneumo.config import (
+    DEFAULT_UNFREEZE_EPOCHS,
+    FIELDS,
+    HEATMAP_CMAP,
+    TrainConfig,
+    expectation,
+    field_kind,
+    option_flag,
+)
 from pneumo.errors import PneumoError
+from pneumo.version import __version__
 
 SAMPLE_DATA = Path(__file__).parent / "sample_data" / "chest_xray"
 
@@ -26,6 +37,7 @@ def emit_json(obj: Any) -> None:
 # --------------------------------------------------------------------------------------------
 def cmd_data_check(args: argparse.Namespace) -> int:
     from pneumo.data.check import check_dataset, format_check
+
     report = check_dataset(args.path, patient_rule=args.patient_rule, progress=not args.json)
     emit_json(report) if args.json else print(format_check(report))
     return 1 if report["errors"] else 0
@@ -33,30 +45,56 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def cmd_show_batch(args: argparse.Namespace) -> int:
     from pneumo.data.show import show_batch
-    path = show_batch(args.path, args.out, rows=args.rows, cols=args.cols, image_size=args.image_size,
-                      augment=not args.no_augment, seed=args.seed)
+
+    path = show_batch(
+        args.path,
+        args.out,
+        rows=args.rows,
+        cols=args.cols,
+        image_size=args.image_size,
+        augment=not args.no_augment,
+        seed=args.seed,
+    )
     print(f"batch written to {path}")
     return 0
 
 
 def training_options(args: argparse.Namespace) -> dict[str, Any]:
-    names = ["arch", "pretrained", "weights", "image_size", "valid_pct", "split", "keep_val", "patient_rule",
-             "batch_size", "seed", "device", "mode", "class_balance", "precision", "feature_views",
-             "bn_adapt_images", "bn_adapt_batch_size", "weight_decay", "trainable_stages"]
-    options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    if getattr(args, "no_augment", False):
-        options["augment"] = False
-    return options
+    """The TrainConfig options the user gave (each one's parser default is None: unset)."""
+    return {
+        f.name: getattr(args, f.name)
+        for f in fields(TrainConfig)
+        if not f.metadata["positional"] and getattr(args, f.name, None) is not None
+    }
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from pneumo.train.lr_finder import lr_find
-    result = lr_find(args.data, out=args.out, start_lr=args.start_lr, end_lr=args.end_lr, num_it=args.num_it,
-                     method=args.suggest, progress=not args.json, **training_options(args))
+    options = training_options(args)
+    TrainConfig.from_dict({**options, "data": args.data})  # a mistyped option fails before any data is read
+    from pneumo.training.lr_finder import lr_find
+
+    result = lr_find(
+        args.data,
+        out=args.out,
+        start_lr=args.start_lr,
+        end_lr=args.end_lr,
+        num_it=args.num_it,
+        method=args.suggest,
+        progress=not args.json,
+        **options,
+    )
     plot = Path(args.out or "runs/lr_find") / "lr_find.png"
     if args.json:
-        emit_json({"suggestion": result.suggestion, "method": result.method, "suggestions": result.suggestions,
-                   "plot": str(plot), "lrs": result.lrs, "losses": result.losses})
+        emit_json(
+            {
+                "suggestion": result.suggestion,
+                "method": result.method,
+                "suggestions": result.suggestions,
+                "plot": str(plot),
+                "lrs": result.lrs,
+                "losses": result.losses,
+            }
+        )
     else:
         others = ", ".join(f"{k} {v:.2e}" for k, v in result.suggestions.items() if k != result.method)
         print(f"suggested lr ({result.method}): {result.suggestion:.2e}   [{others}]\nplot: {plot}")
@@ -64,22 +102,43 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pneumo.train.loop import train
+    options = training_options(args)
     if args.resume:
         if not args.out:
             raise PneumoError("--resume needs --out RUN_DIR (the folder of the run to continue)")
-        result = train(resume=True, out=args.out, progress=not args.json)
+        given = (
+            [option_flag(name) for name in options if name != "out"]
+            + ["--unfreeze"] * args.unfreeze
+            + ["DATA"] * (args.data is not None)
+        )
+        if given:
+            raise PneumoError(
+                f"--resume continues {args.out} with the options it was started with; these cannot "
+                f"change: {', '.join(given)} (drop them, or start a new run with another --out)"
+            )
+        from pneumo.training.loop import train
+
+        result = train(resume=True, out=args.out, progress=not args.json, track=args.track)
     else:
         if args.data is None:
             raise PneumoError("give the data folder: pneumo train DATA")
-        options = training_options(args)
-        options.update(epochs=args.epochs, lr=args.lr, out=args.out, threshold=args.threshold, tta=args.tta,
-                       unfreeze_epochs=args.unfreeze_epochs if args.unfreeze else 0,
-                       unfreeze_lr=args.unfreeze_lr)
-        result = train(args.data, progress=not args.json, **options)
-    summary = {"run_dir": str(result.run_dir), "model_dir": str(result.model_dir), "history": result.history,
-               "valid": result.evaluation.get("metrics"), "ci": result.evaluation.get("ci"),
-               "threshold": result.evaluation.get("threshold"), "notes": result.notes}
+        if args.unfreeze:
+            if options.get("unfreeze_epochs") == 0:
+                raise PneumoError("--unfreeze asks for fine-tuning but --unfreeze-epochs is 0; drop one of them")
+            options.setdefault("unfreeze_epochs", DEFAULT_UNFREEZE_EPOCHS)
+        TrainConfig.from_dict({**options, "data": args.data})  # a mistyped option fails before any data is read
+        from pneumo.training.loop import train
+
+        result = train(args.data, progress=not args.json, track=args.track, **options)
+    summary = {
+        "run_dir": str(result.run_dir),
+        "model_dir": str(result.model_dir),
+        "history": result.history,
+        "valid": result.evaluation.get("metrics"),
+        "ci": result.evaluation.get("ci"),
+        "threshold": result.evaluation.get("threshold"),
+        "notes": result.notes,
+    }
     if args.json:
         emit_json(summary)
     else:
@@ -91,20 +150,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 def print_validation(evaluation: dict) -> None:
     m = evaluation.get("metrics", {})
     if "sensitivity" in m:
-        print(f"validation at threshold {evaluation['threshold']:.3f}: accuracy {m['accuracy']:.4f}, "
-              f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, AUC {m['roc_auc']:.4f}")
+        print(
+            f"validation at threshold {evaluation['threshold']:.3f}: accuracy {m['accuracy']:.4f}, "
+            f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, AUC {m['roc_auc']:.4f}"
+        )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pneumo.infer.predict import evaluate_model_on_folder, format_evaluation
-    report = evaluate_model_on_folder(args.model, args.data, out=args.out, split=args.split, tta=args.tta,
-                                      progress=not args.json)
+
+    report = evaluate_model_on_folder(
+        args.model, args.data, out=args.out, split=args.split, tta=args.tta, progress=not args.json
+    )
     emit_json(report) if args.json else print(format_evaluation(report))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from pneumo.infer.predict import predict_files, write_predictions
+
     rows = predict_files(args.model, args.paths, tta=args.tta, progress=not (args.json or args.csv))
     write_predictions(rows, fmt="json" if args.json else "csv" if args.csv else "table", stream=sys.stdout)
     return 1 if rows and all(r.get("error") for r in rows) else 0
@@ -112,6 +176,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from pneumo.infer.ensemble import make_ensemble
+
     report = make_ensemble(args.runs, args.out, threshold=args.threshold)
     if args.json:
         emit_json(report)
@@ -123,49 +188,75 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from pneumo.report.html import write_report
+
     print(f"report written to {write_report(Path(args.run), Path(args.out) if args.out else None)}")
     return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from pneumo.infer.explain import explain_image
-    result = explain_image(args.model, args.image, args.out, target_class=args.target_class, alpha=args.alpha,
-                           cmap=args.cmap)
+
+    result = explain_image(
+        args.model, args.image, args.out, target_class=args.target_class, alpha=args.alpha, cmap=args.cmap
+    )
     emit_json(result) if args.json else print(
         f"{result['label']} (p={result['probability']:.3f}); heatmap for {result['target_class']} "
-        f"written to {result['out']}")
+        f"written to {result['out']}"
+    )
     return 0
 
 
 def cmd_interpret(args: argparse.Namespace) -> int:
-    from pneumo.infer.explain import interpret_run
+    from pneumo.report.interpret import interpret_run
+
     result = interpret_run(args.run, out=args.out, k=args.k)
-    emit_json(result) if args.json else print(f"top losses: {result['top_losses_png']}\n"
-                                              f"confusion matrix: {result['confusion_matrix_png']}")
+    emit_json(result) if args.json else print(
+        f"top losses: {result['top_losses_png']}\nconfusion matrix: {result['confusion_matrix_png']}"
+    )
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from pneumo.serve.app import serve
-    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-          inference_workers=args.workers, queue_limit=args.queue)
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        max_upload_mb=args.max_upload_mb,
+        inference_workers=args.workers,
+        queue_limit=args.queue,
+    )
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from pneumo.compare.experiment import run_compare
-    result = run_compare(args.data, archs=args.arch, fractions=args.fractions, seeds=args.seeds,
-                         epochs=args.epochs, out=args.out, target_error=args.target_error,
-                         weights=args.weights, image_size=args.image_size, device=args.device,
-                         progress=not args.json)
+
+    result = run_compare(
+        args.data,
+        archs=args.arch,
+        fractions=args.fractions,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        out=args.out,
+        target_error=args.target_error,
+        weights=args.weights,
+        image_size=args.image_size,
+        device=args.device,
+        progress=not args.json,
+    )
     emit_json(result) if args.json else print(result["answer"] + f"\nreport: {result['report']}")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from pneumo.nets.models import BACKBONES
-    rows = [{"name": b.name, "weights": b.weights, "note": b.note, "trainable_stages": b.last_stages}
-            for b in BACKBONES.values()]
+
+    rows = [
+        {"name": b.name, "weights": b.weights, "note": b.note, "trainable_stages": b.last_stages}
+        for b in BACKBONES.values()
+    ]
     if args.json:
         emit_json(rows)
     else:
@@ -181,49 +272,46 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def add_training_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data and model")
-    g.add_argument("--arch", default=None, help=f"backbone (default {D.arch}; see `pneumo models`)")
-    g.add_argument("--pretrained", choices=["imagenet", "none"], default=None,
-                   help="start from ImageNet weights (default) or train from scratch")
-    g.add_argument("--weights", default=None, help="local ImageNet weights file (.pth/.safetensors)")
-    g.add_argument("--image-size", type=int, default=None, help=f"square input size (default {D.image_size})")
-    g.add_argument("--valid-pct", type=float, default=None,
-                   help="validation fraction split off train (default: a usable val folder, else 0.2)")
-    g.add_argument("--split", choices=["patient", "random"], default=None,
-                   help="patient-level split (default) or the tutorial's random image split")
-    g.add_argument("--keep-val", action="store_true", default=None, help="use a tiny val folder as it is")
-    g.add_argument("--patient-rule", default=None, help="kermany (default), filename or regex:PATTERN")
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--device", default=None, help="auto (default), cpu, cuda")
-    g.add_argument("--mode", choices=["features", "full"], default=None,
-                   help="frozen phase on cached body features (default, on a CPU and a GPU) or the full "
-                        "network every step")
-    g.add_argument("--class-balance", choices=["none", "weights"], default=None,
-                   help="'weights' (default): loss weights inverse to class frequency (train is 3:1 pneumonia); "
-                        "'none': plain cross-entropy, as the tutorial")
-    g.add_argument("--feature-views", type=int, default=None,
-                   help=f"features mode: copies of each training image to cache, the first as it is "
-                        f"(default {D.feature_views})")
-    g.add_argument("--trainable-stages", type=int, default=None,
-                   help=f"the body's last N stages train with the head (default {D.trainable_stages}; 0: the "
-                        "tutorial's frozen body; see `pneumo models`)")
-    g.add_argument("--bn-adapt-images", type=int, default=None,
-                   help=f"features mode: images that re-estimate BatchNorm statistics (default "
-                        f"{D.bn_adapt_images}; 0: keep ImageNet's)")
-    g.add_argument("--bn-adapt-batch-size", type=int, default=None,
-                   help=f"features mode: images per batch of the BatchNorm pass "
-                        f"(default {D.bn_adapt_batch_size})")
-    g.add_argument("--weight-decay", type=float, default=None,
-                   help=f"AdamW weight decay (default {D.weight_decay})")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None)
-    g.add_argument("--no-augment", action="store_true", help="no random rotation/zoom/lighting/flip")
+def training_fields(command: str) -> list[Field]:
+    """The TrainConfig fields ``pneumo COMMAND`` takes as options: every one for train; for lr-find,
+    those that shape the first phase (not its epochs, LR, fine-tuning, decision or run folder)."""
+    return [
+        f
+        for f in fields(TrainConfig)
+        if not f.metadata["positional"] and (command == "train" or not f.metadata["train_only"])
+    ]
+
+
+def add_training_arguments(p: argparse.ArgumentParser, command: str) -> argparse._ArgumentGroup:
+    """One option per TrainConfig field, its help, choices and default read from the field. Every
+    parser default is None, so that the handler knows which options the user gave; TrainConfig
+    checks the values (argparse only converts types), so that every mistake reads the same."""
+    g = p.add_argument_group("training options", "defaults and checks: pneumo.config.TrainConfig")
+    for f in training_fields(command):
+        kind, _ = field_kind(f.name)
+        choices = f.metadata["choices"]
+        if kind is bool:
+            text = f"{f.metadata['help']} (default: {'on' if f.default else 'off'})"
+            g.add_argument(
+                option_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text.replace("%", "%%")
+            )
+            continue
+        text = f.metadata["help"]
+        if not (choices or f.metadata["path"]):  # (choices show in the metavar)
+            text += f"; {expectation(f.name, unset=False)}"
+        if f.default is not None:
+            text += f" (default: {f.default})"
+        metavar = "{" + ",".join(choices) + "}" if choices else {int: "N", float: "X"}.get(kind)
+        g.add_argument(option_flag(f.name), type=kind, default=None, help=text.replace("%", "%%"), metavar=metavar)
+    return g
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pneumo", description="Transfer learning on chest X-rays: check the data, split it by "
-                                     "patient, find a learning rate, train, evaluate, explain, serve.")
+    parser = argparse.ArgumentParser(
+        prog="pneumo",
+        description="Transfer learning on chest X-rays: check the data, "
+        "split it by patient, find a learning rate, train, evaluate, explain, serve.",
+    )
     parser.add_argument("--version", action="version", version=f"pneumo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -234,13 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="inspect a data set", description="inspect a data set")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    p = data_sub.add_parser("check", help="counts, unreadable files, duplicates, patients across splits",
-                            description="Check a data set: counts per split and class, image sizes, unreadable "
-                                        "files, exact duplicates, patients in more than one split. Exits 1 "
-                                        "when a problem would corrupt training.")
+    p = data_sub.add_parser(
+        "check",
+        help="counts, unreadable files, duplicates, patients across splits",
+        description="Check a data set: counts per split and class, image sizes, unreadable "
+        "files, exact duplicates, patients in more than one split. Exits 1 "
+        "when a problem would corrupt training.",
+    )
     p.set_defaults(handler=cmd_data_check)
     p.add_argument("path", help="Kaggle 'chest_xray' folder or a folder of class folders")
-    p.add_argument("--patient-rule", default="kermany", help="kermany (default), filename or regex:PATTERN")
+    p.add_argument(
+        "--patient-rule", default=TrainConfig.patient_rule, help="kermany (default), filename or regex:PATTERN"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = command("show-batch", cmd_show_batch, "write a grid of augmented training images with their labels")
@@ -248,34 +341,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="batch.png")
     p.add_argument("--rows", type=int, default=3)
     p.add_argument("--cols", type=int, default=None, help="default: as many as rows")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=TrainConfig.image_size)
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--seed", type=int, default=0)
 
     p = command("lr-find", cmd_lr_find, "LR range test: plot loss against learning rate, suggest one")
-    p.add_argument("data")
+    p.add_argument("data", help=FIELDS["data"].metadata["help"])
     p.add_argument("--out", default=None, help="folder for lr_find.png (default runs/lr_find)")
     p.add_argument("--start-lr", type=float, default=1e-7)
     p.add_argument("--end-lr", type=float, default=10.0)
     p.add_argument("--num-it", type=int, default=100)
     p.add_argument("--suggest", choices=["valley", "steep", "minimum"], default="valley")
     p.add_argument("--json", action="store_true")
-    add_training_arguments(p)
+    add_training_arguments(p, "lr-find")
 
-    p = command("train", cmd_train, "train with the one-cycle policy, body frozen but for its last stages "
-                "(then optionally fine-tuned)")
-    p.add_argument("data", nargs="?", default=None)
-    p.add_argument("--epochs", type=int, default=D.epochs, help="frozen-body epochs (default %(default)s)")
-    p.add_argument("--lr", type=float, default=D.lr, help="one-cycle peak LR (default %(default)s)")
-    p.add_argument("--unfreeze", action="store_true", help="then fine-tune the whole network")
-    p.add_argument("--unfreeze-epochs", type=int, default=4)
-    p.add_argument("--unfreeze-lr", type=float, default=None, help="default lr / 2, spread lr/100..lr")
-    p.add_argument("--threshold", default="youden", help="youden | sensitivity:0.95 | fixed:0.5")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation at evaluation")
-    p.add_argument("--out", default=None, help="run folder (default: new folder under ./runs)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p = command(
+        "train",
+        cmd_train,
+        "train with the one-cycle policy, body frozen but for its last stages (then optionally fine-tuned)",
+    )
+    p.add_argument("data", nargs="?", default=None, help=FIELDS["data"].metadata["help"])
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint, with the options it was started with",
+    )
     p.add_argument("--json", action="store_true")
-    add_training_arguments(p)
+    p.add_argument(
+        "--track",
+        action="append",
+        default=[],
+        metavar="tensorboard|mlflow",
+        help="log the run to TensorBoard (RUN/tensorboard) and/or MLflow ($MLFLOW_TRACKING_URI, else "
+        "sqlite:///mlflow.db here); repeat or comma-separate; needs pneumo[tensorboard] / pneumo[mlflow]",
+    )
+    add_training_arguments(p, "train").add_argument(
+        "--unfreeze",
+        action="store_true",
+        help=f"shorthand for --unfreeze-epochs {DEFAULT_UNFREEZE_EPOCHS}: then "
+        "fine-tune the whole network (--unfreeze-epochs N, if given, says for how long)",
+    )
 
     p = command("evaluate", cmd_evaluate, "error rate, sensitivity, specificity, PPV, NPV, ROC-AUC on a folder")
     p.add_argument("model", help="model folder (RUN/model) or run folder")
@@ -293,8 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true")
     p.add_argument("--tta", action="store_true")
 
-    p = command("ensemble", cmd_ensemble, "several runs validated on the same images as one model "
-                "(mean probability, threshold chosen on their validation predictions)")
+    p = command(
+        "ensemble",
+        cmd_ensemble,
+        "several runs validated on the same images as one model "
+        "(mean probability, threshold chosen on their validation predictions)",
+    )
     p.add_argument("runs", nargs="+", help="finished run folders (same data, split and seed)")
     p.add_argument("--out", required=True, help="folder for the ensemble (its model folder is OUT/model)")
     p.add_argument("--threshold", default="youden", help="youden | sensitivity:0.95 | fixed:0.5")
@@ -310,7 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="heat.png")
     p.add_argument("--class", dest="target_class", default=None, help="class to explain (default: predicted)")
     p.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity, 0..1")
-    p.add_argument("--cmap", default="viridis", help="matplotlib colormap (default viridis, colour-blind safe)")
+    p.add_argument(
+        "--cmap",
+        default=HEATMAP_CMAP,
+        help="matplotlib colormap (default %(default)s: perceptually uniform, colour-blind safe)",
+    )
     p.add_argument("--json", action="store_true")
 
     p = command("interpret", cmd_interpret, "top losses and confusion matrix of a run's validation set")

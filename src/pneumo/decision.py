@@ -5,14 +5,17 @@ model takes the most probable class. The threshold is chosen on validation by a 
 (``youden``, ``sensitivity:0.95``, ``fixed:0.5``), parsed here so that a typo is refused when a
 training run is configured, not after its last epoch.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from pneumo.errors import PneumoError
 
-THRESHOLD_METHODS = ("'youden', 'sensitivity:<target in (0,1]>' (e.g. 'sensitivity:0.95') "
-                     "or 'fixed:<threshold in [0,1]>' (e.g. 'fixed:0.5')")
+THRESHOLD_METHODS = (
+    "'youden', 'sensitivity:<target in (0,1]>' (e.g. 'sensitivity:0.95') "
+    "or 'fixed:<threshold in [0,1]>' (e.g. 'fixed:0.5')"
+)
 
 
 def parse_threshold_method(method: str) -> tuple[str, float | None]:

@@ -1,4 +1,5 @@
 """Errors a user can act on: each message names the file or option and says what to do next."""
+
 from __future__ import annotations
 
 

@@ -1,11 +1,13 @@
 """Atomic writes: a file is either the old version or the new one, never half of either."""
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def _umask() -> int:

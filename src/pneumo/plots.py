@@ -1,54 +1,65 @@
 """Every PNG figure pneumo draws, in one place.
 
-Matplotlib runs on the Agg backend (no display needed on servers), colours come from the
+Figures are ``matplotlib.figure.Figure`` objects made here, never through pyplot: no global
+backend is chosen and no figure registry is touched, so importing pneumo leaves a notebook's
+inline backend alone, servers need no display, and nothing has to be closed. Colours come from the
 Okabe-Ito palette and perceptually uniform colour maps so they read under colour-vision
-deficiency, every file is written atomically, and every figure is closed after saving.
+deficiency; every file is written atomically.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-
-from pneumo.errors import PneumoError  # noqa: E402
-from pneumo.io_utils import atomic_write  # noqa: E402
+from pneumo.errors import PneumoError
+from pneumo.io_utils import atomic_write
 
 # Okabe-Ito: distinguishable under the common colour-vision deficiencies.
 BLUE, ORANGE, GREEN, VERMILLION = "#0072B2", "#E69F00", "#009E73", "#D55E00"
 SKY, PURPLE, YELLOW, GREY = "#56B4E9", "#CC79A7", "#F0E442", "#999999"
 MATRIX_CMAP = "cividis"
-HEATMAP_CMAP = "inferno"
 DPI = 110
 
 
+def subplots(*args: Any, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Any]:
+    """``plt.subplots`` without pyplot: a free-standing Figure and its axes."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
+
+
+def colormap_names() -> list[str]:
+    return list(matplotlib.colormaps)
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
-    """Save ``fig`` as PNG atomically, then close it (pyplot keeps open figures alive)."""
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
-    finally:
-        plt.close(fig)
+    """Save ``fig`` as PNG atomically (a free-standing Figure needs no closing)."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def _fmt_lr(lr: float) -> str:
     return f"{lr:.2e}"
 
 
-def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None, path: str | Path,
-                 extra_suggestions: dict[str, float] | None = None) -> Path:
+def plot_lr_find(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    suggestion: float | None,
+    path: str | Path,
+    extra_suggestions: dict[str, float] | None = None,
+) -> Path:
     """Loss against learning rate on a log axis, the suggestion marked with a labelled red dot."""
     lrs_a, losses_a = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
     if lrs_a.size == 0 or lrs_a.shape != losses_a.shape:
         raise PneumoError(f"LR finder plot needs equal, non-empty lists ({lrs_a.size} rates, {losses_a.size} losses)")
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = subplots(figsize=(6.4, 4.2))
     ax.plot(lrs_a, losses_a, color=BLUE, lw=1.6, label="loss")
     ax.set_xscale("log")
     ok = np.isfinite(losses_a) & (lrs_a > 0)
@@ -62,8 +73,9 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestion: floa
 
     if suggestion is not None:
         mark(suggestion, VERMILLION, "o", "suggestion")
-    for (name, lr), (colour, marker) in zip((extra_suggestions or {}).items(),
-                                            [(GREEN, "s"), (PURPLE, "^"), (ORANGE, "D"), (SKY, "v")]):
+    for (name, lr), (colour, marker) in zip(
+        (extra_suggestions or {}).items(), [(GREEN, "s"), (PURPLE, "^"), (ORANGE, "D"), (SKY, "v")]
+    ):
         mark(lr, colour, marker, name)
     if ok.any():  # the diverging tail would flatten the interesting part of the curve
         finite = losses_a[ok]
@@ -90,7 +102,7 @@ def plot_training_curves(history: Sequence[dict], path: str | Path) -> Path:
         vals = [row.get(key) for row in history]
         return np.array([float(v) if v not in (None, "") else np.nan for v in vals])
 
-    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10.5, 4.0))
+    fig, (ax_loss, ax_err) = subplots(1, 2, figsize=(10.5, 4.0))
     ax_loss.plot(epochs, column("train_loss"), marker="o", color=BLUE, label="train loss")
     ax_loss.plot(epochs, column("valid_loss"), marker="s", color=ORANGE, label="valid loss")
     ax_err.plot(epochs, column("error_rate"), marker="o", color=VERMILLION, label="valid error rate")
@@ -100,8 +112,9 @@ def plot_training_curves(history: Sequence[dict], path: str | Path) -> Path:
             x = (epochs[i - 1] + epochs[i]) / 2
             for ax in (ax_loss, ax_err):
                 ax.axvline(x, color=GREY, ls=":", lw=1.2)
-                ax.text(x, 1.0, f" {phases[i]}", transform=ax.get_xaxis_transform(), va="top",
-                        fontsize=8, color="#555555")
+                ax.text(
+                    x, 1.0, f" {phases[i]}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="#555555"
+                )
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy loss")
     ax_err.set(title="Validation error rate", xlabel="epoch", ylabel="error rate")
     for ax in (ax_loss, ax_err):
@@ -111,15 +124,19 @@ def plot_training_curves(history: Sequence[dict], path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_confusion_matrix(cm: Sequence[Sequence[float]] | np.ndarray, classes: Sequence[str], path: str | Path,
-                          title: str = "Confusion matrix") -> Path:
+def plot_confusion_matrix(
+    cm: Sequence[Sequence[float]] | np.ndarray,
+    classes: Sequence[str],
+    path: str | Path,
+    title: str = "Confusion matrix",
+) -> Path:
     """Counts in cells, rows the actual class and columns the predicted one (as fastai draws it)."""
     m = np.asarray(cm, dtype=float)
     k = len(classes)
     if m.shape != (k, k):
         raise PneumoError(f"confusion matrix of shape {m.shape} does not match {k} classes")
     side = 2.2 + 1.1 * k
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig, ax = subplots(figsize=(side, side))
     im = ax.imshow(m, cmap=MATRIX_CMAP, vmin=0, vmax=max(m.max(), 1.0))
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     for i in range(k):
@@ -135,19 +152,30 @@ def plot_confusion_matrix(cm: Sequence[Sequence[float]] | np.ndarray, classes: S
     return save_figure(fig, path)
 
 
-def plot_roc(fpr: Sequence[float], tpr: Sequence[float], auc: float | None, path: str | Path,
-             operating_point: tuple[float, float] | None = None) -> Path:
+def plot_roc(
+    fpr: Sequence[float],
+    tpr: Sequence[float],
+    auc: float | None,
+    path: str | Path,
+    operating_point: tuple[float, float] | None = None,
+) -> Path:
     """ROC curve with the chance diagonal; ``operating_point`` is (fpr, tpr) at the chosen threshold."""
-    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    fig, ax = subplots(figsize=(5.2, 5.0))
     ax.plot([0, 1], [0, 1], ls="--", color=GREY, lw=1, label="chance")
     auc_text = "n/a" if auc is None else f"{auc:.3f}"
     ax.plot(fpr, tpr, color=BLUE, lw=2, label=f"ROC (AUC = {auc_text})")
     if operating_point is not None:
         x, y = operating_point
-        ax.plot([x], [y], "o", color=VERMILLION, ms=9, zorder=3,
-                label=f"operating point (sens {y:.2f}, spec {1 - x:.2f})")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="False positive rate (1 - specificity)",
-           ylabel="True positive rate (sensitivity)", title="ROC curve")
+        ax.plot(
+            [x], [y], "o", color=VERMILLION, ms=9, zorder=3, label=f"operating point (sens {y:.2f}, spec {1 - x:.2f})"
+        )
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        xlabel="False positive rate (1 - specificity)",
+        ylabel="True positive rate (sensitivity)",
+        title="ROC curve",
+    )
     ax.set_aspect("equal")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
@@ -156,7 +184,7 @@ def plot_roc(fpr: Sequence[float], tpr: Sequence[float], auc: float | None, path
 
 def plot_reliability(bins: Sequence[dict], ece: float, path: str | Path) -> Path:
     """Reliability diagram (accuracy per confidence bin against the diagonal) over a count histogram."""
-    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.2, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, ax_n) = subplots(2, 1, figsize=(5.2, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     lo = np.array([b["bin_lo"] for b in bins], dtype=float)
     width = np.array([b["bin_hi"] - b["bin_lo"] for b in bins], dtype=float)
     filled = [b.get("count", 0) > 0 and b.get("accuracy") is not None for b in bins]
@@ -174,8 +202,14 @@ def plot_reliability(bins: Sequence[dict], ece: float, path: str | Path) -> Path
     return save_figure(fig, path)
 
 
-def plot_image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: str | Path, ncols: int = 4,
-                    suptitle: str | None = None, title_colors: Sequence[str] | None = None) -> Path:
+def plot_image_grid(
+    images: Sequence[np.ndarray],
+    titles: Sequence[str],
+    path: str | Path,
+    ncols: int = 4,
+    suptitle: str | None = None,
+    title_colors: Sequence[str] | None = None,
+) -> Path:
     """Grey (H, W) or RGB (H, W, 3) uint8 images, each with a title (show-batch, top losses)."""
     if not images:
         raise PneumoError("no images to draw in the grid")
@@ -183,8 +217,7 @@ def plot_image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: s
         raise PneumoError(f"{len(images)} images need as many titles (and title colours, if given)")
     ncols = max(1, min(ncols, len(images)))
     nrows = math.ceil(len(images) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.8 * ncols, 3.0 * nrows + (0.4 if suptitle else 0)),
-                             squeeze=False)
+    fig, axes = subplots(nrows, ncols, figsize=(2.8 * ncols, 3.0 * nrows + (0.4 if suptitle else 0)), squeeze=False)
     for i, ax in enumerate(axes.ravel()):
         ax.axis("off")
         if i >= len(images):
@@ -198,10 +231,10 @@ def plot_image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: s
     return save_figure(fig, path)
 
 
-def overlay_heatmap_array(image_grey: np.ndarray, heat: np.ndarray, alpha: float = 0.4,
-                          cmap: str = HEATMAP_CMAP) -> np.ndarray:
+def overlay_heatmap_array(image_grey: np.ndarray, heat: np.ndarray, alpha: float = 0.4, *, cmap: str) -> np.ndarray:
     """Blend a [0, 1] heat map, resized bilinearly to the image, over a grey image: (H, W, 3) uint8.
 
+    ``cmap`` has no default here: the one default is ``config.HEATMAP_CMAP`` (``infer.explain``).
     No figure is involved, so the web server can turn the result straight into a PNG.
     """
     grey = np.asarray(image_grey)
@@ -222,14 +255,21 @@ def overlay_heatmap_array(image_grey: np.ndarray, heat: np.ndarray, alpha: float
     return np.clip((1.0 - alpha) * base + alpha * colour + 0.5, 0, 255).astype(np.uint8)
 
 
-def plot_heatmap_overlay(image_grey: np.ndarray, heat: np.ndarray, path: str | Path, alpha: float = 0.4,
-                         cmap: str = HEATMAP_CMAP, title: str | None = None) -> Path:
+def plot_heatmap_overlay(
+    image_grey: np.ndarray,
+    heat: np.ndarray,
+    path: str | Path,
+    alpha: float = 0.4,
+    *,
+    cmap: str,
+    title: str | None = None,
+) -> Path:
     """Grad-CAM style overlay saved at the image's own pixel size (no axes, no resampling).
 
     Written with PIL rather than a matplotlib figure, so the size is exact; a title is burned
     into a dark strip along the top edge.
     """
-    rgb = Image.fromarray(overlay_heatmap_array(image_grey, heat, alpha, cmap), mode="RGB")
+    rgb = Image.fromarray(overlay_heatmap_array(image_grey, heat, alpha, cmap=cmap), mode="RGB")
     if title:
         draw = ImageDraw.Draw(rgb, "RGBA")
         size = max(10, rgb.height // 20)

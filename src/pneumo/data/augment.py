@@ -5,6 +5,7 @@ brightness and contrast changes (exposure differs between machines), and no vert
 upside down is not a chest). Horizontal flips are on by default as in fastai, since the heart's side
 is not what pneumonia is judged by; ``flip=False`` turns them off.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,11 +17,11 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    max_rotate: float = 10.0     # degrees
+    max_rotate: float = 10.0  # degrees
     min_zoom: float = 1.0
     max_zoom: float = 1.1
-    max_shift: float = 0.05      # fraction of the image
-    max_lighting: float = 0.2    # brightness/contrast change, as fastai's max_lighting
+    max_shift: float = 0.05  # fraction of the image
+    max_lighting: float = 0.2  # brightness/contrast change, as fastai's max_lighting
     flip: bool = True
     p_affine: float = 0.75
     p_lighting: float = 0.75

@@ -5,6 +5,7 @@ and it is decoded in full, since a truncated JPEG opens fine and only fails when
 Problems that would corrupt training (a class missing from a split, an empty class folder, no images)
 are ``errors``; things a user should know before trusting a number are ``warnings``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,12 +22,26 @@ from tqdm.auto import tqdm
 
 from pneumo.data.folders import MIN_USABLE_VALID, SPLIT_ALIASES, ChestXrayFolder, discover, subtype_of
 from pneumo.data.folders import patient_rule as resolve_patient_rule
-from pneumo.errors import DataError, ImageError
 from pneumo.data.imaging import open_image
+from pneumo.errors import DataError, ImageError
 
 IMBALANCE_RATIO = 1.5  # largest / smallest class above this earns a warning
-MODE_BITS = {"1": 1, "L": 8, "P": 8, "LA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "YCbCr": 8,
-             "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}
+MODE_BITS = {
+    "1": 1,
+    "L": 8,
+    "P": 8,
+    "LA": 8,
+    "RGB": 8,
+    "RGBA": 8,
+    "CMYK": 8,
+    "YCbCr": 8,
+    "I;16": 16,
+    "I;16B": 16,
+    "I;16L": 16,
+    "I;16N": 16,
+    "I": 32,
+    "F": 32,
+}
 LISTED = 10  # items a warning names before it says "and N more"
 SPLIT_ORDER = ["train", "valid", "test"]
 
@@ -34,6 +49,7 @@ SPLIT_ORDER = ["train", "valid", "test"]
 @dataclass
 class FileFacts:
     """What one read of a file tells: header facts, a content hash, and whether it decodes."""
+
     width: int | None = None
     height: int | None = None
     mode: str | None = None
@@ -87,16 +103,20 @@ def _missing_class_errors(data: ChestXrayFolder, counts: dict[str, dict[str, int
     for split, folder in ((s, _split_folder(data, s)) for s in data.splits):
         for name, n in counts[split].items():
             if (split, name) in empty:
-                errors.append(f"{folder / name}: empty class folder (no JPEG or PNG images); "
-                              f"add images or remove the folder")
+                errors.append(
+                    f"{folder / name}: empty class folder (no JPEG or PNG images); add images or remove the folder"
+                )
             elif n == 0:
-                errors.append(f"{folder}: no '{name}' folder, though other splits have that class; "
-                              f"every split needs every class")
+                errors.append(
+                    f"{folder}: no '{name}' folder, though other splits have that class; every split needs every class"
+                )
     for split, name in sorted(empty - {(s, c) for s in data.splits for c in data.classes}):
         errors.append(f"{_split_folder(data, split) / name}: empty class folder (no JPEG or PNG images)")
     if len(data.classes) < 2:
-        errors.append(f"{data.root}: only one class ({', '.join(data.classes)}); a classifier needs at least two "
-                      f"class folders (e.g. NORMAL/ and PNEUMONIA/)")
+        errors.append(
+            f"{data.root}: only one class ({', '.join(data.classes)}); a classifier needs at least two "
+            f"class folders (e.g. NORMAL/ and PNEUMONIA/)"
+        )
     return errors
 
 
@@ -104,8 +124,11 @@ def _unreadable_class_errors(data: ChestXrayFolder, unreadable: list[dict[str, A
     """A class whose every image in a split is unreadable is as missing as an empty folder."""
     bad = Counter((u["split"], u["class"]) for u in unreadable)
     counts = data.counts()
-    return [f"{_split_folder(data, split) / name}: none of its {n} images can be read; training would see no {name}"
-            for (split, name), n in sorted(bad.items()) if n == counts[split][name]]
+    return [
+        f"{_split_folder(data, split) / name}: none of its {n} images can be read; training would see no {name}"
+        for (split, name), n in sorted(bad.items())
+        if n == counts[split][name]
+    ]
 
 
 def _plural(n: int, word: str, words: str | None = None) -> str:
@@ -118,9 +141,12 @@ def _size_summary(facts: list[FileFacts]) -> dict[str, Any]:
         return {"width": None, "height": None, "modes": {}, "bit_depths": {}}
     modes = Counter(f.mode for f in known)
     bits = Counter(str(MODE_BITS.get(f.mode or "", "?")) for f in known)
-    return {"width": {"min": min(f.width for f in known), "max": max(f.width for f in known)},
-            "height": {"min": min(f.height for f in known), "max": max(f.height for f in known)},
-            "modes": dict(modes.most_common()), "bit_depths": dict(sorted(bits.items()))}
+    return {
+        "width": {"min": min(f.width for f in known), "max": max(f.width for f in known)},
+        "height": {"min": min(f.height for f in known), "max": max(f.height for f in known)},
+        "modes": dict(modes.most_common()),
+        "bit_depths": dict(sorted(bits.items())),
+    }
 
 
 def _duplicate_groups(data: ChestXrayFolder, facts: list[FileFacts]) -> list[dict[str, Any]]:
@@ -135,10 +161,18 @@ def _duplicate_groups(data: ChestXrayFolder, facts: list[FileFacts]) -> list[dic
         samples = sorted((data.samples[i] for i in members), key=lambda s: (SPLIT_ORDER.index(s.split), s.path))
         labels = sorted({data.classes[s.label] for s in samples})
         splits = list(dict.fromkeys(s.split for s in samples))
-        groups.append({"hash": digest, "files": [_relative(data, s.path) for s in samples],
-                       "classes": labels, "splits": splits, "patients": sorted({s.patient for s in samples}),
-                       "conflicting_labels": len(labels) > 1, "across_splits": len(splits) > 1,
-                       "across_patients": len({s.patient for s in samples}) > 1})
+        groups.append(
+            {
+                "hash": digest,
+                "files": [_relative(data, s.path) for s in samples],
+                "classes": labels,
+                "splits": splits,
+                "patients": sorted({s.patient for s in samples}),
+                "conflicting_labels": len(labels) > 1,
+                "across_splits": len(splits) > 1,
+                "across_patients": len({s.patient for s in samples}) > 1,
+            }
+        )
     return sorted(groups, key=lambda g: g["files"][0])
 
 
@@ -146,8 +180,11 @@ def _patients_across_splits(data: ChestXrayFolder) -> list[dict[str, Any]]:
     per_patient: dict[str, Counter] = defaultdict(Counter)
     for s in data.samples:
         per_patient[s.patient][s.split] += 1
-    return [{"patient": pid, "counts": {k: c[k] for k in SPLIT_ORDER if k in c}}
-            for pid, c in sorted(per_patient.items()) if len(c) > 1]
+    return [
+        {"patient": pid, "counts": {k: c[k] for k in SPLIT_ORDER if k in c}}
+        for pid, c in sorted(per_patient.items())
+        if len(c) > 1
+    ]
 
 
 def _listing(items: list[str]) -> str:
@@ -158,18 +195,24 @@ def _listing(items: list[str]) -> str:
 def _warnings(data: ChestXrayFolder, report: dict[str, Any]) -> list[str]:
     warnings = []
     for item in report["unreadable"][:LISTED]:
-        warnings.append(f"unreadable file, skipped by training (replace or remove it): {item['path']}: "
-                        f"{item['reason']}")
+        warnings.append(
+            f"unreadable file, skipped by training (replace or remove it): {item['path']}: {item['reason']}"
+        )
     if len(report["unreadable"]) > LISTED:
         warnings.append(f"... and {len(report['unreadable']) - LISTED} more unreadable files (see --json)")
     groups = report["duplicates"]
     if groups:
         extra = sum(len(g["files"]) - 1 for g in groups)
         mixed = sum(g["across_patients"] for g in groups)
-        why = (f"{mixed} of them join different patients, so a patient split may put copies on both sides"
-               if mixed else "each within one patient, so a patient-level split keeps the copies together")
-        warnings.append(f"{_plural(len(groups), 'group')} of byte-identical files "
-                        f"({_plural(extra, 'extra copy', 'extra copies')}); {why}")
+        why = (
+            f"{mixed} of them join different patients, so a patient split may put copies on both sides"
+            if mixed
+            else "each within one patient, so a patient-level split keeps the copies together"
+        )
+        warnings.append(
+            f"{_plural(len(groups), 'group')} of byte-identical files "
+            f"({_plural(extra, 'extra copy', 'extra copies')}); {why}"
+        )
     conflicting = [" = ".join(g["files"]) for g in groups if g["conflicting_labels"]]
     if conflicting:
         warnings.append(f"identical images with different labels ({len(conflicting)}): {_listing(conflicting)}")
@@ -179,12 +222,16 @@ def _warnings(data: ChestXrayFolder, report: dict[str, Any]) -> list[str]:
     crossing = report["patients_across_splits"]
     if crossing:
         names = [f"{p['patient']} ({', '.join(f'{k} {v}' for k, v in p['counts'].items())})" for p in crossing]
-        warnings.append(f"{_plural(len(crossing), 'patient')} in more than one split folder, so those splits are not "
-                        f"independent: {_listing(names)}")
+        warnings.append(
+            f"{_plural(len(crossing), 'patient')} in more than one split folder, so those splits are not "
+            f"independent: {_listing(names)}"
+        )
     n_valid = report["totals"]["per_split"].get("valid", 0)
     if 0 < n_valid < MIN_USABLE_VALID:
-        warnings.append(f"{_split_folder(data, 'valid')}: only {_plural(n_valid, 'image')}, too small to judge by; "
-                        f"pneumo folds it into train and splits by patient; --keep-val keeps it")
+        warnings.append(
+            f"{_split_folder(data, 'valid')}: only {_plural(n_valid, 'image')}, too small to judge by; "
+            f"pneumo folds it into train and splits by patient; --keep-val keeps it"
+        )
     if "train" not in report["counts"]:
         warnings.append(f"{data.root}: no train folder; `pneumo train` cannot use it (evaluation can)")
     for split, counts in report["counts"].items():
@@ -194,9 +241,11 @@ def _warnings(data: ChestXrayFolder, report: dict[str, Any]) -> list[str]:
         big, small = max(present, key=present.get), min(present, key=present.get)
         ratio = present[big] / present[small]
         if ratio > IMBALANCE_RATIO:
-            warnings.append(f"{split} is imbalanced: {big} {present[big]:,} vs {small} {present[small]:,} "
-                            f"({ratio:.1f}:1); accuracy alone misleads, judge by sensitivity, specificity "
-                            f"and AUC (--class-balance weights reweights the loss)")
+            warnings.append(
+                f"{split} is imbalanced: {big} {present[big]:,} vs {small} {present[small]:,} "
+                f"({ratio:.1f}:1); accuracy alone misleads, judge by sensitivity, specificity "
+                f"and AUC (--class-balance weights reweights the loss)"
+            )
     return warnings
 
 
@@ -207,11 +256,21 @@ def check_dataset(path: str | Path, patient_rule: str = "kermany", progress: boo
     ``patient_rule`` is a usage mistake and raises DataError.
     """
     rule = resolve_patient_rule(patient_rule)
-    report: dict[str, Any] = {"root": str(path), "layout": None, "classes": [], "counts": {},
-                              "totals": {"images": 0, "per_split": {}, "per_class": {}}, "subtypes": {},
-                              "sizes": _size_summary([]), "unreadable": [], "duplicates": [],
-                              "patients_across_splits": [], "patient_rule": patient_rule,
-                              "errors": [], "warnings": []}
+    report: dict[str, Any] = {
+        "root": str(path),
+        "layout": None,
+        "classes": [],
+        "counts": {},
+        "totals": {"images": 0, "per_split": {}, "per_class": {}},
+        "subtypes": {},
+        "sizes": _size_summary([]),
+        "unreadable": [],
+        "duplicates": [],
+        "patients_across_splits": [],
+        "patient_rule": patient_rule,
+        "errors": [],
+        "warnings": [],
+    }
     try:
         data = discover(path, rule)
     except DataError as exc:
@@ -223,9 +282,11 @@ def check_dataset(path: str | Path, patient_rule: str = "kermany", progress: boo
 
     counts = data.counts()
     report.update(root=str(data.root), layout=data.layout, classes=list(data.classes), counts=counts)
-    report["totals"] = {"images": len(data.samples),
-                        "per_split": {split: sum(c.values()) for split, c in counts.items()},
-                        "per_class": {name: sum(c[name] for c in counts.values()) for name in data.classes}}
+    report["totals"] = {
+        "images": len(data.samples),
+        "per_split": {split: sum(c.values()) for split, c in counts.items()},
+        "per_class": {name: sum(c[name] for c in counts.values()) for name in data.classes},
+    }
     subtypes: dict[str, Counter] = defaultdict(Counter)
     for s in data.samples:
         if (kind := subtype_of(s.path.name)) is not None:
@@ -234,11 +295,22 @@ def check_dataset(path: str | Path, patient_rule: str = "kermany", progress: boo
 
     paths = [s.path for s in data.samples]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        facts = list(tqdm(pool.map(inspect_file, paths, chunksize=8), total=len(paths), desc="checking images",
-                          unit="img", disable=not progress, leave=False))
+        facts = list(
+            tqdm(
+                pool.map(inspect_file, paths, chunksize=8),
+                total=len(paths),
+                desc="checking images",
+                unit="img",
+                disable=not progress,
+                leave=False,
+            )
+        )
     report["sizes"] = _size_summary(facts)
-    report["unreadable"] = [{"path": _relative(data, s.path), "split": s.split, "class": data.classes[s.label],
-                             "reason": f.problem} for s, f in zip(data.samples, facts) if f.problem]
+    report["unreadable"] = [
+        {"path": _relative(data, s.path), "split": s.split, "class": data.classes[s.label], "reason": f.problem}
+        for s, f in zip(data.samples, facts)
+        if f.problem
+    ]
     report["duplicates"] = _duplicate_groups(data, facts)
     report["patients_across_splits"] = _patients_across_splits(data)
     report["errors"] = _missing_class_errors(data, counts) + _unreadable_class_errors(data, report["unreadable"])
@@ -251,16 +323,24 @@ def format_check(report: dict[str, Any]) -> str:
     lines = [f"data check: {report['root']}"]
     if report["layout"] is not None:
         classes = report["classes"]
-        lines.append(f"layout: {report['layout']}; {len(classes)} classes: {', '.join(classes)}; "
-                     f"patient rule: {report['patient_rule']}")
+        lines.append(
+            f"layout: {report['layout']}; {len(classes)} classes: {', '.join(classes)}; "
+            f"patient rule: {report['patient_rule']}"
+        )
         width = max(9, *(len(c) + 2 for c in classes))
         lines += ["", f"{'split':<8}" + "".join(f"{c:>{width}}" for c in classes) + f"{'total':>{width}}"]
         for split, counts in report["counts"].items():
-            lines.append(f"{split:<8}" + "".join(f"{counts[c]:>{width},}" for c in classes)
-                         + f"{report['totals']['per_split'][split]:>{width},}")
+            lines.append(
+                f"{split:<8}"
+                + "".join(f"{counts[c]:>{width},}" for c in classes)
+                + f"{report['totals']['per_split'][split]:>{width},}"
+            )
         if len(report["counts"]) > 1:
-            lines.append(f"{'all':<8}" + "".join(f"{report['totals']['per_class'][c]:>{width},}" for c in classes)
-                         + f"{report['totals']['images']:>{width},}")
+            lines.append(
+                f"{'all':<8}"
+                + "".join(f"{report['totals']['per_class'][c]:>{width},}" for c in classes)
+                + f"{report['totals']['images']:>{width},}"
+            )
         for split, kinds in report["subtypes"].items():
             lines.append(f"  {split} subtypes: " + ", ".join(f"{k} {v:,}" for k, v in kinds.items()))
         sizes = report["sizes"]
@@ -268,15 +348,21 @@ def format_check(report: dict[str, Any]) -> str:
             w, h = sizes["width"], sizes["height"]
             modes = ", ".join(f"{m} {n:,}" for m, n in sizes["modes"].items())
             bits = ", ".join(f"{b}-bit {n:,}" for b, n in sizes["bit_depths"].items())
-            lines += ["", f"image sizes: width {w['min']}-{w['max']} px, height {h['min']}-{h['max']} px",
-                      f"modes: {modes}; depth: {bits}"]
+            lines += [
+                "",
+                f"image sizes: width {w['min']}-{w['max']} px, height {h['min']}-{h['max']} px",
+                f"modes: {modes}; depth: {bits}",
+            ]
         lines.append(f"unreadable files: {len(report['unreadable'])}")
-        for item in report["unreadable"][:3 * LISTED]:
+        for item in report["unreadable"][: 3 * LISTED]:
             lines.append(f"  {item['path']}: {item['reason']}")
         lines.append(f"duplicate groups (byte-identical): {len(report['duplicates'])}")
         for g in report["duplicates"][:LISTED]:
-            flags = [f for f, on in (("DIFFERENT LABELS", g["conflicting_labels"]),
-                                     ("ACROSS SPLITS", g["across_splits"])) if on]
+            flags = [
+                f
+                for f, on in (("DIFFERENT LABELS", g["conflicting_labels"]), ("ACROSS SPLITS", g["across_splits"]))
+                if on
+            ]
             lines.append("  " + " = ".join(g["files"]) + (f"  [{', '.join(flags)}]" if flags else ""))
         if len(report["duplicates"]) > LISTED:
             lines.append(f"  ... and {len(report['duplicates']) - LISTED} more (see --json)")
@@ -285,6 +371,10 @@ def format_check(report: dict[str, Any]) -> str:
         if items:
             lines += ["", f"{title} ({len(items)}):"] + [f"  - {item}" for item in items]
     n = len(report["errors"])
-    lines += ["", f"FAILED: {n} error{'s' if n != 1 else ''} would corrupt training" if n
-              else "OK: no errors" + (f" ({len(report['warnings'])} warnings)" if report["warnings"] else "")]
+    lines += [
+        "",
+        f"FAILED: {n} error{'s' if n != 1 else ''} would corrupt training"
+        if n
+        else "OK: no errors" + (f" ({len(report['warnings'])} warnings)" if report["warnings"] else ""),
+    ]
     return "\n".join(lines)

@@ -5,22 +5,32 @@ once more as ``chest_xray/chest_xray``) or a plain folder of class folders. Pati
 from the file name through a pluggable rule, because several images of one patient must never sit
 on both sides of a train/validation split.
 """
+
 from __future__ import annotations
 
 import random
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from pneumo.errors import DataError
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "valid", "valid": "valid",
-                 "validation": "valid", "test": "test", "testing": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "valid",
+    "valid": "valid",
+    "validation": "valid",
+    "test": "test",
+    "testing": "test",
+}
 IGNORED_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db"}
 MIN_USABLE_VALID = 100  # fewer validation images than this cannot rank models (Kaggle's val has 16)
+KERMANY_CLASSES = ["NORMAL", "PNEUMONIA"]
+KERMANY_TEST_PREVALENCE = 390 / 624  # the official test split: 390 pneumonia, 234 normal films (train: 0.74)
 
 PatientRule = Callable[[str], str]
 
@@ -51,13 +61,23 @@ def patient_rule(spec: str) -> PatientRule:
     if spec in PATIENT_RULES:
         return PATIENT_RULES[spec]
     if spec.startswith("regex:"):
-        compiled = re.compile(spec[len("regex:"):])
+        compiled = re.compile(spec[len("regex:") :])
 
         def by_regex(filename: str) -> str:
             match = compiled.search(Path(filename).name)
             return match.group(1) if match and match.groups() else Path(filename).stem
+
         return by_regex
     raise DataError(f"unknown patient rule {spec!r}: use one of {sorted(PATIENT_RULES)} or 'regex:PATTERN'")
+
+
+def reference_prevalence(classes: Sequence[str]) -> float | None:
+    """The positive fraction of the population a model of these classes is judged on, when known.
+
+    For the Kermany/Kaggle classes it is the official test split's 0.625, not train's 0.74: validation
+    metrics are also reported re-weighted to it. The one owner of that figure; None for other data.
+    """
+    return KERMANY_TEST_PREVALENCE if list(classes) == KERMANY_CLASSES else None
 
 
 def subtype_of(filename: str) -> str | None:
@@ -72,6 +92,7 @@ def subtype_of(filename: str) -> str | None:
 @dataclass(frozen=True)
 class Sample:
     """One image: where it lies, its class index, the split folder it came from and its patient."""
+
     path: Path
     label: int
     split: str
@@ -81,6 +102,7 @@ class Sample:
 @dataclass
 class ChestXrayFolder:
     """Every image under a root, with class names taken from the folder names."""
+
     root: Path
     classes: list[str]
     samples: list[Sample]
@@ -103,24 +125,33 @@ class ChestXrayFolder:
         return out
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{split}: " + " ".join(f"{k}={v}" for k, v in c.items())
-                          for split, c in self.counts().items())
+        parts = ", ".join(
+            f"{split}: " + " ".join(f"{k}={v}" for k, v in c.items()) for split, c in self.counts().items()
+        )
         return f"ChestXrayFolder({str(self.root)!r}, {len(self.samples)} images; {parts})"
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED_NAMES)
+    return sorted(
+        p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED_NAMES
+    )
 
 
 def is_image_file(path: Path) -> bool:
-    return (path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
-            and path.is_file() and not any(part in IGNORED_NAMES for part in path.parts))
+    return (
+        path.suffix.lower() in IMAGE_SUFFIXES
+        and not path.name.startswith(".")
+        and path.is_file()
+        and not any(part in IGNORED_NAMES for part in path.parts)
+    )
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if is_image_file(p)
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def _find_layout_root(root: Path) -> tuple[Path, str]:
@@ -143,8 +174,9 @@ def discover(root: str | Path, patient: PatientRule | str = "kermany") -> ChestX
     root = Path(root).expanduser()
     if not root.is_dir():
         what = "not a folder" if root.exists() else "no such folder"
-        raise DataError(f"{root}: {what}; point pneumo at a folder of class folders "
-                        f"or at the Kaggle 'chest_xray' folder")
+        raise DataError(
+            f"{root}: {what}; point pneumo at a folder of class folders or at the Kaggle 'chest_xray' folder"
+        )
     rule = patient_rule(patient) if isinstance(patient, str) else patient
     try:
         return _discover(root, rule)
@@ -155,8 +187,9 @@ def discover(root: str | Path, patient: PatientRule | str = "kermany") -> ChestX
 def _discover(root: Path, rule: PatientRule) -> ChestXrayFolder:
     base, layout = _find_layout_root(root)
     if layout == "kaggle":
-        split_dirs = [(SPLIT_ALIASES[d.name.lower()], d) for d in _visible_dirs(base)
-                      if d.name.lower() in SPLIT_ALIASES]
+        split_dirs = [
+            (SPLIT_ALIASES[d.name.lower()], d) for d in _visible_dirs(base) if d.name.lower() in SPLIT_ALIASES
+        ]
     else:
         split_dirs = [("train", base)]
     classes = sorted({c.name for _, d in split_dirs for c in _visible_dirs(d)})
@@ -176,8 +209,9 @@ def _discover(root: Path, rule: PatientRule) -> ChestXrayFolder:
     return ChestXrayFolder(root=base, classes=classes, samples=samples, layout=layout, empty_classes=empty)
 
 
-def split_by_patient(samples: Sequence[Sample], valid_pct: float, seed: int = 42,
-                     groups: dict[Path, str] | None = None) -> tuple[list[Sample], list[Sample]]:
+def split_by_patient(
+    samples: Sequence[Sample], valid_pct: float, seed: int = 42, groups: dict[Path, str] | None = None
+) -> tuple[list[Sample], list[Sample]]:
     """Seeded, class-stratified split in which every patient lies wholly on one side.
 
     Patients are dealt per class (a patient's class is that of most of their images) until the
@@ -217,22 +251,27 @@ def split_random(samples: Sequence[Sample], valid_pct: float, seed: int = 42) ->
     random.Random(seed).shuffle(order)
     n_valid = round(valid_pct * len(samples))
     chosen = set(order[:n_valid])
-    return ([s for i, s in enumerate(samples) if i not in chosen],
-            [s for i, s in enumerate(samples) if i in chosen])
+    return ([s for i, s in enumerate(samples) if i not in chosen], [s for i, s in enumerate(samples) if i in chosen])
 
 
 @dataclass
 class Split:
     """The images to train on and to validate on, and what was decided to get them."""
+
     train: list[Sample]
     valid: list[Sample]
     method: str
     notes: list[str] = field(default_factory=list)
 
 
-def make_split(data: ChestXrayFolder, valid_pct: float | None = None, method: str = "patient",
-               seed: int = 42, keep_small_valid: bool = False,
-               groups: dict[Path, str] | None = None) -> Split:
+def make_split(
+    data: ChestXrayFolder,
+    valid_pct: float | None = None,
+    method: str = "patient",
+    seed: int = 42,
+    keep_small_valid: bool = False,
+    groups: dict[Path, str] | None = None,
+) -> Split:
     """Choose train and validation images. The ``test`` split is never touched.
 
     A usable ``val`` folder is used as it is unless ``valid_pct`` is given; a tiny one (Kaggle's
@@ -245,15 +284,19 @@ def make_split(data: ChestXrayFolder, valid_pct: float | None = None, method: st
     if valid and valid_pct is None:
         if len(valid) >= MIN_USABLE_VALID or keep_small_valid:
             return Split(train, valid, "folder", notes)
-        notes.append(f"the 'val' folder holds only {len(valid)} images, too few to judge a model by; "
-                     f"folded into train and split by patient instead (--keep-val uses it as is)")
+        notes.append(
+            f"the 'val' folder holds only {len(valid)} images, too few to judge a model by; "
+            f"folded into train and split by patient instead (--keep-val uses it as is)"
+        )
     pool = train + valid
     if not pool:
         raise DataError(f"{data.root}: no training images (expected a 'train' folder or class folders)")
     pct = 0.2 if valid_pct is None else valid_pct
     if method == "random":
-        notes.append("random image split: images of one patient may sit on both sides, so the "
-                     "validation error is optimistic; use it only to compare with the tutorial")
+        notes.append(
+            "random image split: images of one patient may sit on both sides, so the "
+            "validation error is optimistic; use it only to compare with the tutorial"
+        )
         tr, va = split_random(pool, pct, seed)
     else:
         tr, va = split_by_patient(pool, pct, seed, groups)

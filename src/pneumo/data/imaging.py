@@ -4,6 +4,7 @@ Every image becomes a square uint8 grey array of the model's size: X-rays carry 
 channel is kept (the first convolution's RGB weights are summed to match). Normalisation lives in
 the model itself, so nothing downstream can apply the wrong mean and std.
 """
+
 from __future__ import annotations
 
 import io
@@ -35,8 +36,11 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Imag
             handle = path.open("rb")
         with handle, Image.open(handle) as img:
             if img.width * img.height > max_pixels:
-                raise ImageError(name, f"image too large ({img.width}x{img.height} pixels; "
-                                       f"limit {max_pixels:,}): refusing a possible decompression bomb")
+                raise ImageError(
+                    name,
+                    f"image too large ({img.width}x{img.height} pixels; "
+                    f"limit {max_pixels:,}): refusing a possible decompression bomb",
+                )
             img.load()
             return img.copy()
     except ImageError:

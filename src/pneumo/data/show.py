@@ -4,6 +4,7 @@ As fastai's ``show_batch``: a seeded draw of training images, decoded and (by de
 exactly the code training uses, each titled with its label. Upside-down, blank or mislabelled images
 show up here long before they show up as a bad validation score.
 """
+
 from __future__ import annotations
 
 import random
@@ -15,8 +16,15 @@ from pneumo.data.folders import discover
 from pneumo.errors import DataError, PneumoError
 
 
-def show_batch(path: str | Path, out: str | Path, rows: int = 3, cols: int | None = None, image_size: int = 224,
-               augment: bool = True, seed: int = 0) -> Path:
+def show_batch(
+    path: str | Path,
+    out: str | Path,
+    rows: int = 3,
+    cols: int | None = None,
+    image_size: int = 224,
+    augment: bool = True,
+    seed: int = 0,
+) -> Path:
     """Write a ``rows x cols`` grid of training images (``cols`` defaults to ``rows``) to ``out``; return its path.
 
     Images come from the ``train`` split (all images for a folder of class folders), drawn with
@@ -39,8 +47,10 @@ def show_batch(path: str | Path, out: str | Path, rows: int = 3, cols: int | Non
     decoded = decode_images([s.path for s in chosen], image_size, progress=False)
     keep = [i for i in range(len(chosen)) if decoded.ok[i]]
     if not keep:
-        raise DataError(f"{data.root}: none of the {len(chosen)} images drawn could be read: "
-                        + "; ".join(f"{p}: {r}" for p, r in list(decoded.errors.items())[:3]))
+        raise DataError(
+            f"{data.root}: none of the {len(chosen)} images drawn could be read: "
+            + "; ".join(f"{p}: {r}" for p, r in list(decoded.errors.items())[:3])
+        )
     pixels = np.ascontiguousarray(decoded.pixels[keep])  # (n, size, size) uint8
     if augment:
         x = torch.from_numpy(pixels).unsqueeze(1)  # (n, 1, size, size)

@@ -5,24 +5,29 @@ with bootstrap intervals (resampling patients, not images, when patient ids are 
 single accuracy hides the trade-off that matters: missed pneumonia versus false alarms.
 Every ratio whose denominator is zero is ``None`` (JSON null), never NaN.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax as _softmax
+from scipy.special import log_softmax
+from scipy.special import softmax as _softmax
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
-from pneumo.decision import THRESHOLD_METHODS, parse_threshold_method  # noqa: F401 (re-exported)
+from pneumo import plots
+from pneumo.decision import THRESHOLD_METHODS, decide, parse_threshold_method  # noqa: F401 (re-exported)
 from pneumo.errors import PneumoError
 
 MAX_ROC_POINTS = 200
 
 
 # ---------------------------------------------------------------- small helpers
+
 
 def _ratio(num: float, den: float) -> float | None:
     return float(num) / float(den) if den > 0 else None
@@ -60,14 +65,17 @@ def positive_index(classes: Sequence[str]) -> int:
         return lowered.index("pneumonia")
     if len(classes) == 2:
         return 1
-    raise PneumoError(f"no positive class among {list(classes)}: binary metrics need a class named "
-                      f"PNEUMONIA or exactly two classes")
+    raise PneumoError(
+        f"no positive class among {list(classes)}: binary metrics need a class named PNEUMONIA or exactly two classes"
+    )
 
 
 # ---------------------------------------------------------------- point metrics
 
-def binary_metrics(p_pos: np.ndarray, labels: np.ndarray, threshold: float, pos: int = 1,
-                   weights: np.ndarray | None = None) -> dict:
+
+def binary_metrics(
+    p_pos: np.ndarray, labels: np.ndarray, threshold: float, pos: int = 1, weights: np.ndarray | None = None
+) -> dict:
     """Counts and ratios at one threshold (positive iff ``p_pos >= threshold``).
 
     With ``weights`` the counts are weighted sums (floats), so the ratios describe a population
@@ -95,8 +103,13 @@ def binary_metrics(p_pos: np.ndarray, labels: np.ndarray, threshold: float, pos:
         "npv": _ratio(tn, tn + fn),
         "roc_auc": auc,
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-        "tp": count(tp), "fp": count(fp), "tn": count(tn), "fn": count(fn),
-        "n": int(p.size), "n_pos": int(is_pos.sum()), "n_neg": int((~is_pos).sum()),
+        "tp": count(tp),
+        "fp": count(fp),
+        "tn": count(tn),
+        "fn": count(fn),
+        "n": int(p.size),
+        "n_pos": int(is_pos.sum()),
+        "n_neg": int((~is_pos).sum()),
     }
 
 
@@ -108,9 +121,11 @@ def multiclass_metrics(probs: np.ndarray, labels: np.ndarray, classes: Sequence[
     pred = probs.argmax(axis=1)
     cm = confusion_matrix(y, pred, labels=list(range(k)))
     per_class = {
-        name: {"recall": _ratio(cm[i, i], cm[i, :].sum()),
-               "precision": _ratio(cm[i, i], cm[:, i].sum()),
-               "n": int(cm[i, :].sum())}
+        name: {
+            "recall": _ratio(cm[i, i], cm[i, :].sum()),
+            "precision": _ratio(cm[i, i], cm[:, i].sum()),
+            "n": int(cm[i, :].sum()),
+        }
         for i, name in enumerate(classes)
     }
     auc = None
@@ -128,6 +143,7 @@ def multiclass_metrics(probs: np.ndarray, labels: np.ndarray, classes: Sequence[
 
 
 # ---------------------------------------------------------------- thresholds and prevalence
+
 
 def choose_threshold(p_pos: np.ndarray, labels: np.ndarray, method: str, pos: int = 1) -> float:
     """Operating threshold by rule: ``youden``, ``sensitivity:0.95`` or ``fixed:0.5``."""
@@ -162,8 +178,10 @@ def prevalence_weights(labels: np.ndarray, pos: int, target_pos_fraction: float)
 
 # ---------------------------------------------------------------- bootstrap
 
-def _resample_weights(rng: np.random.Generator, n_boot: int, n: int,
-                      cluster_of: np.ndarray | None, n_clusters: int) -> np.ndarray:
+
+def _resample_weights(
+    rng: np.random.Generator, n_boot: int, n: int, cluster_of: np.ndarray | None, n_clusters: int
+) -> np.ndarray:
     """(n_boot, n) multiplicities of each image: drawn per image, or per patient for clusters."""
     units = n if cluster_of is None else n_clusters
     draws = rng.integers(0, units, size=(n_boot, units))
@@ -186,9 +204,16 @@ def _weighted_auc(p_sorted: np.ndarray, pos_sorted: np.ndarray, w: np.ndarray) -
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
-def bootstrap_ci(p_pos: np.ndarray, labels: np.ndarray, threshold: float, pos: int = 1,
-                 n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-                 groups: np.ndarray | None = None) -> dict[str, tuple[float, float] | None]:
+def bootstrap_ci(
+    p_pos: np.ndarray,
+    labels: np.ndarray,
+    threshold: float,
+    pos: int = 1,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    groups: np.ndarray | None = None,
+) -> dict[str, tuple[float, float] | None]:
     """Percentile intervals for accuracy, sensitivity, specificity and ROC AUC.
 
     With ``groups`` (patient ids) whole patients are resampled: images of one patient are not
@@ -235,6 +260,7 @@ def bootstrap_ci(p_pos: np.ndarray, labels: np.ndarray, threshold: float, pos: i
 
 # ---------------------------------------------------------------- calibration
 
+
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Row-wise softmax of ``logits / temperature``."""
     if not temperature > 0:
@@ -256,8 +282,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     def nll(log_t: float) -> float:
         return float(-log_softmax(z / math.exp(log_t), axis=1)[rows, y].mean())
 
-    result = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded",
-                             options={"xatol": 1e-4})
+    result = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded", options={"xatol": 1e-4})
     return float(math.exp(result.x))
 
 
@@ -272,10 +297,15 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) ->
     for b in range(n_bins):
         mask = idx == b
         count = int(mask.sum())
-        bins.append({"bin_lo": b / n_bins, "bin_hi": (b + 1) / n_bins,
-                     "confidence": float(conf[mask].mean()) if count else None,
-                     "accuracy": float(correct[mask].mean()) if count else None,
-                     "count": count})
+        bins.append(
+            {
+                "bin_lo": b / n_bins,
+                "bin_hi": (b + 1) / n_bins,
+                "confidence": float(conf[mask].mean()) if count else None,
+                "accuracy": float(correct[mask].mean()) if count else None,
+                "count": count,
+            }
+        )
     return bins
 
 
@@ -290,8 +320,10 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
 
 # ---------------------------------------------------------------- subgroups
 
-def subtype_sensitivity(p_pos: np.ndarray, labels: np.ndarray, subtypes: Sequence[str | None],
-                        threshold: float, pos: int = 1) -> dict[str, dict]:
+
+def subtype_sensitivity(
+    p_pos: np.ndarray, labels: np.ndarray, subtypes: Sequence[str | None], threshold: float, pos: int = 1
+) -> dict[str, dict]:
     """Sensitivity per pneumonia subtype (e.g. bacteria vs virus) over the positive images."""
     p, is_pos = _as_binary(p_pos, labels, pos)
     if len(subtypes) != p.size:
@@ -308,6 +340,7 @@ def subtype_sensitivity(p_pos: np.ndarray, labels: np.ndarray, subtypes: Sequenc
 
 # ---------------------------------------------------------------- the report
 
+
 def _downsample_roc(fpr: np.ndarray, tpr: np.ndarray, limit: int = MAX_ROC_POINTS) -> dict:
     if fpr.size > limit:
         keep = np.unique(np.linspace(0, fpr.size - 1, limit).round().astype(int))
@@ -315,11 +348,20 @@ def _downsample_roc(fpr: np.ndarray, tpr: np.ndarray, limit: int = MAX_ROC_POINT
     return {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]}
 
 
-def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str],
-                         threshold: float | None = None, logits: np.ndarray | None = None,
-                         subtypes: Sequence[str | None] | None = None, groups: np.ndarray | None = None,
-                         temperature: float | None = None, n_boot: int = 1000, n_bins: int = 15,
-                         reweight_to: float | None = None, seed: int = 0) -> dict:
+def evaluate_predictions(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    classes: Sequence[str],
+    threshold: float | None = None,
+    logits: np.ndarray | None = None,
+    subtypes: Sequence[str | None] | None = None,
+    groups: np.ndarray | None = None,
+    temperature: float | None = None,
+    n_boot: int = 1000,
+    n_bins: int = 15,
+    reweight_to: float | None = None,
+    seed: int = 0,
+) -> dict:
     """One JSON-serialisable evaluation report.
 
     ``probs`` are used as given. ``threshold=None`` means 0.5. With ``logits``, the report's
@@ -331,8 +373,9 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, classes: Sequenc
     y = np.asarray(labels).ravel().astype(int)
     classes = list(classes)
     if probs.ndim != 2 or probs.shape != (y.size, len(classes)):
-        raise PneumoError(f"probabilities of shape {probs.shape} do not match {y.size} labels "
-                          f"and {len(classes)} classes {classes}")
+        raise PneumoError(
+            f"probabilities of shape {probs.shape} do not match {y.size} labels and {len(classes)} classes {classes}"
+        )
     if y.size == 0:
         raise PneumoError("nothing to evaluate: no predictions")
     if y.min() < 0 or y.max() >= len(classes):
@@ -341,15 +384,21 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, classes: Sequenc
     if logits is not None and np.shape(logits) != probs.shape:
         raise PneumoError(f"logits of shape {np.shape(logits)} do not match probabilities of shape {probs.shape}")
 
-    report: dict[str, Any] = {"classes": classes, "n": int(y.size),
-                              "ece": expected_calibration_error(probs, y, n_bins),
-                              "reliability": reliability_bins(probs, y, n_bins)}
+    report: dict[str, Any] = {
+        "classes": classes,
+        "n": int(y.size),
+        "ece": expected_calibration_error(probs, y, n_bins),
+        "reliability": reliability_bins(probs, y, n_bins),
+    }
     if logits is not None:
         source = "given" if temperature is not None else "fitted"
         t = float(temperature) if temperature is not None else fit_temperature(logits, y)
-        report["calibration"] = {"temperature": t, "temperature_source": source,
-                                 "ece_before": expected_calibration_error(softmax(logits), y, n_bins),
-                                 "ece_after": expected_calibration_error(softmax(logits, t), y, n_bins)}
+        report["calibration"] = {
+            "temperature": t,
+            "temperature_source": source,
+            "ece_before": expected_calibration_error(softmax(logits), y, n_bins),
+            "ece_after": expected_calibration_error(softmax(logits, t), y, n_bins),
+        }
     elif temperature is not None:
         report["calibration"] = {"temperature": float(temperature), "temperature_source": "given"}
 
@@ -359,19 +408,25 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, classes: Sequenc
         return _jsonable(report)
 
     pos = positive_index(classes)
-    neg = 1 - pos
     thr = 0.5 if threshold is None else float(threshold)
     p_pos = probs[:, pos]
     metrics = binary_metrics(p_pos, y, thr, pos)
-    pred = np.where(p_pos >= thr, pos, neg)
+    pred = decide(probs, pos, thr)
     report.update(
-        task="binary", positive_class=classes[pos], threshold=thr, metrics=metrics,
+        task="binary",
+        positive_class=classes[pos],
+        threshold=thr,
+        metrics=metrics,
         confusion_matrix=confusion_matrix(y, pred, labels=[0, 1]).tolist(),
-        ci=None, ci_level=0.95, ci_unit="patient" if groups is not None else "image",
+        ci=None,
+        ci_level=0.95,
+        ci_unit="patient" if groups is not None else "image",
         subtypes=subtype_sensitivity(p_pos, y, subtypes, thr, pos) if subtypes is not None else {},
         roc=None,
-        operating_point={"fpr": None if metrics["specificity"] is None else 1.0 - metrics["specificity"],
-                         "tpr": metrics["sensitivity"]},
+        operating_point={
+            "fpr": None if metrics["specificity"] is None else 1.0 - metrics["specificity"],
+            "tpr": metrics["sensitivity"],
+        },
     )
     report["metrics_at_0.5"] = binary_metrics(p_pos, y, 0.5, pos)
     if n_boot > 0:
@@ -381,23 +436,31 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, classes: Sequenc
         report["roc"] = _downsample_roc(fpr, tpr)
     if reweight_to is not None:
         w = prevalence_weights(y, pos, reweight_to)
-        report["reweighted"] = {"target_pos_fraction": float(reweight_to),
-                                "metrics": binary_metrics(p_pos, y, thr, pos, weights=w)}
+        report["reweighted"] = {
+            "target_pos_fraction": float(reweight_to),
+            "metrics": binary_metrics(p_pos, y, thr, pos, weights=w),
+        }
     return _jsonable(report)
 
 
 def write_evaluation_figures(report: dict, probs: np.ndarray, labels: np.ndarray, out_dir: Path) -> dict[str, Path]:
     """confusion_matrix.png, roc.png (binary, operating point marked) and reliability.png."""
-    from pneumo import plots  # matplotlib loads only when figures are wanted
-
     out_dir = Path(out_dir)
-    written = {"confusion_matrix": plots.plot_confusion_matrix(report["confusion_matrix"], report["classes"],
-                                                               out_dir / "confusion_matrix.png")}
+    written = {
+        "confusion_matrix": plots.plot_confusion_matrix(
+            report["confusion_matrix"], report["classes"], out_dir / "confusion_matrix.png"
+        )
+    }
     if report.get("roc"):
         op = report.get("operating_point") or {}
         point = (op["fpr"], op["tpr"]) if op.get("fpr") is not None and op.get("tpr") is not None else None
-        written["roc"] = plots.plot_roc(report["roc"]["fpr"], report["roc"]["tpr"], report["metrics"]["roc_auc"],
-                                        out_dir / "roc.png", operating_point=point)
+        written["roc"] = plots.plot_roc(
+            report["roc"]["fpr"],
+            report["roc"]["tpr"],
+            report["metrics"]["roc_auc"],
+            out_dir / "roc.png",
+            operating_point=point,
+        )
     bins = report.get("reliability") or reliability_bins(probs, labels)
     ece = report.get("ece")
     if ece is None:

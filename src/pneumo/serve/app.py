@@ -7,6 +7,7 @@ caught by ``imaging.open_image``. Decoding and inference run in a small thread p
 than ``queue_limit`` requests already wait for it, new ones get a quick 503 instead of piling up
 in memory. Nothing on the page or in /docs loads from a CDN, so it works offline.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,10 +17,11 @@ import io
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,21 +30,21 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
-from pneumo.version import __version__
+from pneumo.data.imaging import MAX_PIXELS, open_image, prepare, to_grey_uint8
 from pneumo.errors import ImageError, PneumoError
 from pneumo.infer.explain import DEFAULT_CMAP, gradcam_heatmap
-from pneumo.data.imaging import MAX_PIXELS, open_image, prepare, to_grey_uint8
 from pneumo.infer.model_folder import LoadedModel, load_model
 from pneumo.plots import overlay_heatmap_array
+from pneumo.version import __version__
 
 STATIC = Path(__file__).parent / "static"
 MAGIC = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG\r\n\x1a\n": "image/png"}
 ACCEPTED_TYPES = {"", "application/octet-stream"}  # plus any image/*; the first bytes decide
-ENVELOPE_BYTES = 64 * 1024   # multipart boundaries and headers around the file itself
-HEATMAP_MAX_SIDE = 800       # the page needs no more; keeps the JSON small for 3000 px radiographs
+ENVELOPE_BYTES = 64 * 1024  # multipart boundaries and headers around the file itself
+HEATMAP_MAX_SIDE = 800  # the page needs no more; keeps the JSON small for 3000 px radiographs
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
-                               "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+    "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
 }
@@ -105,8 +107,9 @@ class InferencePool:
 
     def __init__(self, workers: int, queue_limit: int):
         if workers < 1 or queue_limit < 0:
-            raise PneumoError(f"need at least 1 inference worker and a queue limit >= 0 "
-                              f"(got {workers} and {queue_limit})")
+            raise PneumoError(
+                f"need at least 1 inference worker and a queue limit >= 0 (got {workers} and {queue_limit})"
+            )
         self.workers, self.queue_limit = workers, queue_limit
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="pneumo-infer")
         self.active = 0  # running + waiting; touched only on the event loop thread
@@ -117,8 +120,11 @@ class InferencePool:
 
     async def run(self, fn: Any, *args: Any) -> Any:
         if self.active >= self.workers + self.queue_limit:
-            raise HTTPException(503, f"server busy: {self.waiting} requests already waiting; retry shortly",
-                                headers={"retry-after": "1"})
+            raise HTTPException(
+                503,
+                f"server busy: {self.waiting} requests already waiting; retry shortly",
+                headers={"retry-after": "1"},
+            )
         self.active += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -143,8 +149,11 @@ def check_pixel_count(data: bytes, name: str, max_pixels: int) -> None:
     except Exception:  # noqa: BLE001 - reported precisely by open_image on the pool thread
         return
     if width * height > max_pixels:
-        raise HTTPException(413, f"{name}: image too large ({width}x{height} pixels; limit {max_pixels:,}): "
-                                 f"refusing a possible decompression bomb")
+        raise HTTPException(
+            413,
+            f"{name}: image too large ({width}x{height} pixels; limit {max_pixels:,}): "
+            f"refusing a possible decompression bomb",
+        )
 
 
 def png_base64(rgb: np.ndarray) -> str:
@@ -167,25 +176,24 @@ def read_xray(model: LoadedModel, data: bytes, name: str, heatmap: bool, max_pix
     probs = model.probabilities(pixels[None])[0]
     predicted = int(model.decide(probs[None])[0])
     result: dict[str, Any] = {
-        "filename": name, "label": model.classes[predicted], "probability": float(probs[predicted]),
+        "filename": name,
+        "label": model.classes[predicted],
+        "probability": float(probs[predicted]),
         "probabilities": {c: float(p) for c, p in zip(model.classes, probs)},
-        "threshold": threshold_of(model), "positive_class": model.meta.positive_class,
+        "threshold": model.threshold,
+        "positive_class": model.meta.positive_class,
         "image": {"width": img.width, "height": img.height, "mode": img.mode},
-        "heatmap_png_base64": None, "heatmap_class": None,
+        "heatmap_png_base64": None,
+        "heatmap_class": None,
     }
     if heatmap:
         heat = gradcam_heatmap(model, pixels, predicted)
         grey = Image.fromarray(to_grey_uint8(img), mode="L")
         grey.thumbnail((HEATMAP_MAX_SIDE, HEATMAP_MAX_SIDE), Image.BILINEAR)
-        result["heatmap_png_base64"] = png_base64(overlay_heatmap_array(np.asarray(grey), heat, 0.4, DEFAULT_CMAP))
+        result["heatmap_png_base64"] = png_base64(overlay_heatmap_array(np.asarray(grey), heat, 0.4, cmap=DEFAULT_CMAP))
         result["heatmap_class"] = model.classes[predicted]
     result["elapsed_ms"] = round(1000 * (time.perf_counter() - start), 1)
     return result
-
-
-def threshold_of(model: LoadedModel) -> float | None:
-    """The decision threshold on p(positive) in use, or None when the model decides by argmax."""
-    return float(model.meta.threshold) if model.positive is not None and len(model.classes) == 2 else None
 
 
 def docs_page(app: FastAPI) -> str:
@@ -193,17 +201,27 @@ def docs_page(app: FastAPI) -> str:
     rows = []
     for path, ops in app.openapi().get("paths", {}).items():
         for method, op in ops.items():
-            rows.append(f"<tr><td><code>{html.escape(method.upper())}</code></td><td><code>{html.escape(path)}"
-                        f"</code></td><td>{html.escape(op.get('summary', ''))}</td></tr>")
-    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>pneumo API</title>"
-            "<link rel='stylesheet' href='/static/style.css'></head><body><main><h1>pneumo API</h1>"
-            "<p>The full schema is at <a href='/openapi.json'>/openapi.json</a>.</p><table><thead><tr>"
-            "<th>method</th><th>path</th><th>what</th></tr></thead><tbody>" + "".join(rows) +
-            "</tbody></table></main></body></html>")
+            rows.append(
+                f"<tr><td><code>{html.escape(method.upper())}</code></td><td><code>{html.escape(path)}"
+                f"</code></td><td>{html.escape(op.get('summary', ''))}</td></tr>"
+            )
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>pneumo API</title>"
+        "<link rel='stylesheet' href='/static/style.css'></head><body><main><h1>pneumo API</h1>"
+        "<p>The full schema is at <a href='/openapi.json'>/openapi.json</a>.</p><table><thead><tr>"
+        "<th>method</th><th>path</th><th>what</th></tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table></main></body></html>"
+    )
 
 
-def create_app(model_dir: str | Path, max_upload_mb: float = 20.0, inference_workers: int = 2,
-               queue_limit: int = 32, max_pixels: int = MAX_PIXELS) -> FastAPI:
+def create_app(
+    model_dir: str | Path,
+    max_upload_mb: float = 20.0,
+    inference_workers: int = 2,
+    queue_limit: int = 32,
+    max_pixels: int = MAX_PIXELS,
+) -> FastAPI:
     """The FastAPI app for one model folder (loaded once, shared by the inference threads)."""
     if not max_upload_mb > 0:
         raise PneumoError(f"--max-upload-mb must be positive, got {max_upload_mb}")
@@ -216,9 +234,15 @@ def create_app(model_dir: str | Path, max_upload_mb: float = 20.0, inference_wor
         yield
         pool.executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="pneumo", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Read a chest X-ray: label, probability, the decision threshold and a Grad-CAM "
-                              "heatmap. A research tool, not a medical device.")
+    app = FastAPI(
+        title="pneumo",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description="Read a chest X-ray: label, probability, the decision threshold and a Grad-CAM "
+        "heatmap. A research tool, not a medical device.",
+    )
     app.state.model, app.state.pool = model, pool
     app.add_middleware(BodyLimit, limit=max_bytes + ENVELOPE_BYTES)
     app.add_middleware(SecurityHeaders)
@@ -235,21 +259,35 @@ def create_app(model_dir: str | Path, max_upload_mb: float = 20.0, inference_wor
 
     @app.get("/health", summary="liveness and queue state")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "arch": model.meta.arch, "workers": pool.workers, "active": pool.active,
-                "waiting": pool.waiting, "queue_limit": pool.queue_limit}
+        return {
+            "status": "ok",
+            "arch": model.meta.arch,
+            "workers": pool.workers,
+            "active": pool.active,
+            "waiting": pool.waiting,
+            "queue_limit": pool.queue_limit,
+        }
 
     @app.get("/api/model", summary="what the model reads and how it decides")
     async def model_info() -> dict[str, Any]:
-        return {"arch": model.meta.arch, "classes": model.classes, "image_size": model.meta.image_size,
-                "threshold": threshold_of(model), "positive_class": model.meta.positive_class,
-                "threshold_method": model.meta.threshold_method, "temperature": model.meta.temperature,
-                "max_upload_mb": max_upload_mb, "accepted": sorted(set(MAGIC.values())),
-                "pneumo_version": model.meta.pneumo_version}
+        return {
+            "arch": model.meta.arch,
+            "classes": model.classes,
+            "image_size": model.meta.image_size,
+            "threshold": model.threshold,
+            "positive_class": model.meta.positive_class,
+            "threshold_method": model.meta.threshold_method,
+            "temperature": model.meta.temperature,
+            "max_upload_mb": max_upload_mb,
+            "accepted": sorted(set(MAGIC.values())),
+            "pneumo_version": model.meta.pneumo_version,
+        }
 
     @app.post("/api/predict", summary="label, probability, threshold and Grad-CAM heatmap for one image")
-    async def predict(file: UploadFile = File(..., description="a JPEG or PNG chest X-ray"),
-                      heatmap: bool = Query(True, description="include a Grad-CAM overlay as base64 PNG")
-                      ) -> dict[str, Any]:
+    async def predict(
+        file: UploadFile = File(..., description="a JPEG or PNG chest X-ray"),
+        heatmap: bool = Query(True, description="include a Grad-CAM overlay as base64 PNG"),
+    ) -> dict[str, Any]:
         name = file.filename or "upload"
         declared = (file.content_type or "").split(";")[0].strip().lower()
         if declared not in ACCEPTED_TYPES and not declared.startswith("image/"):
@@ -267,8 +305,14 @@ def create_app(model_dir: str | Path, max_upload_mb: float = 20.0, inference_wor
     return app
 
 
-def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 20.0,
-          inference_workers: int = 2, queue_limit: int = 32) -> None:
+def serve(
+    model_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_mb: float = 20.0,
+    inference_workers: int = 2,
+    queue_limit: int = 32,
+) -> None:
     """Run the app with uvicorn; loopback only unless ``host`` says otherwise."""
     import uvicorn
 
@@ -278,6 +322,9 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_
     torch.set_num_threads(max(1, cores // inference_workers))
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach this address can upload images", host)
-    print(f"pneumo: reading X-rays at http://{'[' + host + ']' if ':' in host else host}:{port}/ "
-          f"(model {app.state.model.meta.arch}, Ctrl+C to stop)", flush=True)
+    print(
+        f"pneumo: reading X-rays at http://{'[' + host + ']' if ':' in host else host}:{port}/ "
+        f"(model {app.state.model.meta.arch}, Ctrl+C to stop)",
+        flush=True,
+    )
     uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)

@@ -4,7 +4,12 @@
 phase by default, on any device. ``FullNetwork`` runs the body every step on augmented batches cut
 from the uint8 image tensor on the device, under autocast where asked (``--mode full``, training from
 scratch, fine-tuning).
+
+``build_phase(setup, name, folder)`` makes the phase a run (or an LR range test) calls ``name``
+("frozen", "scratch" or "unfrozen") from the ``RunSetup``: which parameters train, at which peak
+LRs, on cached features or on the whole network.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,10 +20,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pneumo.config import TrainConfig
 from pneumo.data.augment import augment_batch
 from pneumo.errors import TrainingError
-from pneumo.nets.models import XrayNet
-from pneumo.train.schedule import one_cycle, one_cycle_momentum
+from pneumo.nets.models import XrayNet, set_body_trainable
+from pneumo.run_folder import RunFolder
+from pneumo.training.features import cached_features
+from pneumo.training.schedule import discriminative_lrs, one_cycle, one_cycle_momentum
+from pneumo.training.setup import RunSetup
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,21 +57,30 @@ class Phase:
     losses come back every ``LOSS_READ_EVERY`` steps (every step on a CPU, where a read costs nothing),
     so on a GPU Python queues the next steps while the device runs this one.
     """
+
     name = "phase"
 
-    def __init__(self, model: XrayNet, opt: torch.optim.Optimizer, epochs: int, batch_size: int,
-                 n_train: int, generator: torch.Generator, class_weights: torch.Tensor | None,
-                 device: torch.device):
+    def __init__(
+        self,
+        model: XrayNet,
+        opt: torch.optim.Optimizer,
+        epochs: int,
+        batch_size: int,
+        n_train: int,
+        generator: torch.Generator,
+        class_weights: torch.Tensor | None,
+        device: torch.device,
+    ):
         self.model, self.opt, self.epochs, self.bs = model, opt, epochs, batch_size
         self.n_train, self.gen, self.class_weights, self.device = n_train, generator, class_weights, device
         self.steps_per_epoch = max(1, n_train // batch_size)  # drop the last partial batch, as fastai
-        self.scaler: torch.amp.GradScaler | None = None     # loss scaling, for fp16 only
+        self.scaler: torch.amp.GradScaler | None = None  # loss scaling, for fp16 only
         self.read_every = 1 if device.type == "cpu" else LOSS_READ_EVERY
 
     def batches(self) -> list[torch.Tensor]:
         """This epoch's shuffled index batches, on the device (drawn from the CPU generator)."""
         order = torch.randperm(self.n_train, generator=self.gen).to(self.device, non_blocking=True)
-        return [order[i * self.bs:(i + 1) * self.bs] for i in range(self.steps_per_epoch)]
+        return [order[i * self.bs : (i + 1) * self.bs] for i in range(self.steps_per_epoch)]
 
     def position(self, epoch: int, step: int) -> float:
         """How far through this phase's one-cycle schedule a step is, from 0 to 1."""
@@ -83,8 +101,13 @@ class Phase:
         batches = self.batches()
         losses: list[float] = []
         pending: list[torch.Tensor] = []
-        bar = tqdm(total=len(batches), desc=f"{self.name} epoch {epoch + 1}/{self.epochs}", unit="batch",
-                   disable=not progress, leave=False)
+        bar = tqdm(
+            total=len(batches),
+            desc=f"{self.name} epoch {epoch + 1}/{self.epochs}",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+        )
         for step, idx in enumerate(batches):
             set_schedule(self.opt, self.position(epoch, step))
             loss = self.step(idx)
@@ -96,9 +119,11 @@ class Phase:
                 if bad is not None:
                     at = len(losses) + bad
                     lr = one_cycle(self.position(epoch, at), self.opt.param_groups[-1]["max_lr"])
-                    raise TrainingError(f"the loss became {values[bad]} at {self.name} epoch {epoch + 1} step "
-                                        f"{at + 1} (lr {lr:.2e}); lower --lr (`pneumo lr-find` suggests "
-                                        f"one) or use --precision fp32")
+                    raise TrainingError(
+                        f"the loss became {values[bad]} at {self.name} epoch {epoch + 1} step "
+                        f"{at + 1} (lr {lr:.2e}); lower --lr (`pneumo lr-find` suggests "
+                        f"one) or use --precision fp32"
+                    )
                 losses.extend(values)
                 pending.clear()
                 bar.update(len(values))
@@ -116,10 +141,18 @@ class Phase:
 class HeadOnFeatures(Phase):
     """Frozen body, cached features: each step is the head alone, or the head and the last
     ``trainable_stages`` of the body on cached feature maps (``(V, N, ...)``: V views per image)."""
+
     name = "frozen"
 
-    def __init__(self, *args, train_feats: torch.Tensor, train_y: torch.Tensor, valid_feats: torch.Tensor,
-                 trainable_stages: int = 0, **kw):
+    def __init__(
+        self,
+        *args,
+        train_feats: torch.Tensor,
+        train_y: torch.Tensor,
+        valid_feats: torch.Tensor,
+        trainable_stages: int = 0,
+        **kw,
+    ):
         super().__init__(*args, **kw)
         self.train_feats, self.train_y, self.valid_feats = train_feats, train_y, valid_feats
         self.trainable_stages = trainable_stages
@@ -135,15 +168,29 @@ class HeadOnFeatures(Phase):
     @torch.inference_mode()
     def valid_logits(self, batch_size: int = 256) -> torch.Tensor:
         self.trained.eval()
-        return torch.cat([self.model.forward_from(self.valid_feats[i:i + batch_size].float(), self.trainable_stages)
-                          for i in range(0, len(self.valid_feats), batch_size)])
+        return torch.cat(
+            [
+                self.model.forward_from(self.valid_feats[i : i + batch_size].float(), self.trainable_stages)
+                for i in range(0, len(self.valid_feats), batch_size)
+            ]
+        )
 
 
 class FullNetwork(Phase):
     """The body runs every step on augmented batches cut from the uint8 image tensor on the device."""
 
-    def __init__(self, *args, name: str, train_x: torch.Tensor, train_y: torch.Tensor, valid_x: torch.Tensor,
-                 augment: bool, amp: torch.dtype | None, channels_last: bool, **kw):
+    def __init__(
+        self,
+        *args,
+        name: str,
+        train_x: torch.Tensor,
+        train_y: torch.Tensor,
+        valid_x: torch.Tensor,
+        augment: bool,
+        amp: torch.dtype | None,
+        channels_last: bool,
+        **kw,
+    ):
         super().__init__(*args, **kw)
         self.name, self.train_x, self.train_y, self.valid_x = name, train_x, train_y, valid_x
         self.augment, self.amp, self.channels_last = augment, amp, channels_last
@@ -171,5 +218,75 @@ class FullNetwork(Phase):
         out = []
         for i in range(0, len(self.valid_x), batch_size):
             with self._autocast():
-                out.append(self.model(self._prepare(self.valid_x[i:i + batch_size])).float())
+                out.append(self.model(self._prepare(self.valid_x[i : i + batch_size])).float())
         return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# a run's phases
+# ---------------------------------------------------------------------------------------------
+TAIL_LR_RATIO = 0.1  # the trainable body stages learn at a tenth of the head's rate (bench/experiments)
+
+
+def frozen_phase_groups(
+    model: XrayNet, cfg: TrainConfig, with_body_bn: bool = False
+) -> tuple[list[list[torch.nn.Parameter]], list[float]]:
+    """Parameter groups and peak LRs of the frozen phase: [the rest of the body: BN only], the
+    trainable stages, the head."""
+    tail = list(model.tail(cfg.trainable_stages).parameters())
+    tail_ids = {id(p) for p in tail}
+    rest = [p for p in model.body.parameters() if p.requires_grad and id(p) not in tail_ids] if with_body_bn else []
+    return [rest, tail, list(model.head.parameters())], [cfg.lr, cfg.lr * TAIL_LR_RATIO, cfg.lr]
+
+
+def build_phase(setup: RunSetup, name: str, folder: RunFolder, progress: bool = True) -> Phase:
+    """The phase called ``name`` ("frozen", "scratch", "unfrozen") of the run ``setup`` describes.
+
+    The frozen phase in features mode computes (or reloads) the cached features first, in
+    ``folder`` (``RUN/checkpoints/features.pt``) and the shared cache.
+    """
+    cfg, model, data, device = setup.cfg, setup.model, setup.data, setup.device
+    common = dict(n_train=len(data.train), generator=setup.generator, class_weights=setup.class_weights, device=device)
+    if name == "frozen" and setup.mode == "features":
+        feats = cached_features(setup, folder, progress)
+        set_body_trainable(model, False, train_bn=False, trainable_stages=cfg.trainable_stages)
+        opt = make_optimizer(*frozen_phase_groups(model, cfg), cfg.weight_decay)
+        return HeadOnFeatures(
+            model,
+            opt,
+            cfg.epochs,
+            cfg.batch_size,
+            train_feats=feats["train"].to(device),
+            train_y=setup.train_y.to(device),
+            valid_feats=feats["valid"].to(device),
+            trainable_stages=cfg.trainable_stages,
+            **common,
+        )
+    if name == "frozen":
+        set_body_trainable(model, False, train_bn=True, trainable_stages=cfg.trainable_stages)
+        opt = make_optimizer(*frozen_phase_groups(model, cfg, with_body_bn=True), cfg.weight_decay)
+        epochs = cfg.epochs
+    elif name == "scratch":  # from scratch nothing is frozen: random features teach nothing
+        set_body_trainable(model, True)
+        opt = make_optimizer([list(model.parameters())], [cfg.lr], cfg.weight_decay)
+        epochs = cfg.epochs
+    else:
+        set_body_trainable(model, True)
+        lr = cfg.unfreeze_lr or cfg.lr / 2
+        groups = model.parameter_groups()
+        opt = make_optimizer(groups, discriminative_lrs(lr, len(groups)), cfg.weight_decay)
+        epochs = cfg.unfreeze_epochs
+    return FullNetwork(
+        model,
+        opt,
+        epochs,
+        cfg.batch_size,
+        name=name,
+        train_x=torch.from_numpy(data.train_pixels).to(device),
+        train_y=setup.train_y.to(device),
+        valid_x=torch.from_numpy(data.valid_pixels).to(device),
+        augment=cfg.augment,
+        amp=setup.amp,
+        channels_last=cfg.channels_last,
+        **common,
+    )

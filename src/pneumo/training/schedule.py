@@ -4,6 +4,7 @@
 the first ``pct_start`` of training, then a cosine anneal to ``lr / div_final``, with momentum
 (Adam's beta1) moving the opposite way.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,16 +20,16 @@ def exponential(start: float, end: float, pos: float) -> float:
     return start * (end / start) ** pos
 
 
-def one_cycle(pos: float, lr_max: float, pct_start: float = 0.25, div: float = 25.0,
-              div_final: float = 1e5) -> float:
+def one_cycle(pos: float, lr_max: float, pct_start: float = 0.25, div: float = 25.0, div_final: float = 1e5) -> float:
     """Learning rate at ``pos`` in [0, 1] of a one-cycle run."""
     if pos < pct_start:
         return cosine(lr_max / div, lr_max, pos / pct_start)
     return cosine(lr_max, lr_max / div_final, (pos - pct_start) / (1 - pct_start))
 
 
-def one_cycle_momentum(pos: float, moms: tuple[float, float, float] = (0.95, 0.85, 0.95),
-                       pct_start: float = 0.25) -> float:
+def one_cycle_momentum(
+    pos: float, moms: tuple[float, float, float] = (0.95, 0.85, 0.95), pct_start: float = 0.25
+) -> float:
     """Momentum at ``pos``: high while the LR is low, low at the LR peak."""
     if pos < pct_start:
         return cosine(moms[0], moms[1], pos / pct_start)

@@ -4,18 +4,20 @@ The weights are saved before the test and restored after it, so the model is unt
 suggestion is a plain float from a pure function of ``(lrs, losses)``; ``valley`` (fastai's default)
 ignores an early spike because it looks for the longest run of falling loss.
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from pneumo.config import TrainConfig
-from pneumo.train.schedule import exponential
+from pneumo.training.schedule import exponential
 
 
 def valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
@@ -46,21 +48,31 @@ def minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
 
 
 SUGGESTERS: dict[str, Callable[[Sequence[float], Sequence[float]], float]] = {
-    "valley": valley, "steep": steep, "minimum": minimum}
+    "valley": valley,
+    "steep": steep,
+    "minimum": minimum,
+}
 
 
 @dataclass
 class LRFindResult:
     lrs: list[float]
-    losses: list[float]           # smoothed, debiased
-    suggestion: float             # by ``method``
+    losses: list[float]  # smoothed, debiased
+    suggestion: float  # by ``method``
     method: str
     suggestions: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: decode_s, ..., range_test_s, plot_s
 
 
-def range_test(step: Callable[[float], float], start_lr: float = 1e-7, end_lr: float = 10.0,
-               num_it: int = 100, beta: float = 0.98, stop_div: float = 4.0,
-               method: str = "valley") -> LRFindResult:
+def range_test(
+    step: Callable[[float], float],
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_it: int = 100,
+    beta: float = 0.98,
+    stop_div: float = 4.0,
+    method: str = "valley",
+) -> LRFindResult:
     """Call ``step(lr) -> loss`` on an exponential ramp until the smoothed loss diverges."""
     lrs: list[float] = []
     losses: list[float] = []
@@ -79,13 +91,20 @@ def range_test(step: Callable[[float], float], start_lr: float = 1e-7, end_lr: f
             break
     if len(lrs) < 3:
         from pneumo.errors import TrainingError
+
         raise TrainingError("the loss diverged at once: lower --start-lr")
     suggestions = {name: f(lrs, losses) for name, f in SUGGESTERS.items()}
     return LRFindResult(lrs, losses, suggestions[method], method, suggestions)
 
 
-def find_lr(model: torch.nn.Module, phase: Any, start_lr: float = 1e-7, end_lr: float = 10.0,
-            num_it: int = 100, method: str = "valley") -> LRFindResult:
+def find_lr(
+    model: torch.nn.Module,
+    phase: Any,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_it: int = 100,
+    method: str = "valley",
+) -> LRFindResult:
     """The range test on a training ``Phase``; the model's weights are restored afterwards."""
     saved = copy.deepcopy(model.state_dict())
     batches: list[torch.Tensor] = []
@@ -106,17 +125,36 @@ def find_lr(model: torch.nn.Module, phase: Any, start_lr: float = 1e-7, end_lr: 
         model.load_state_dict(saved)
 
 
-def lr_find(data: str | Path, out: str | Path | None = None, start_lr: float = 1e-7, end_lr: float = 10.0,
-            num_it: int = 100, method: str = "valley", progress: bool = True, **options: Any) -> LRFindResult:
+def lr_find(
+    data: str | Path,
+    out: str | Path | None = None,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_it: int = 100,
+    method: str = "valley",
+    progress: bool = True,
+    **options: Any,
+) -> LRFindResult:
     """Run the range test on the first training phase exactly as ``pneumo train`` would run it."""
     from pneumo.plots import plot_lr_find
-    from pneumo.train.loop import first_phase_name, prepare_run
+    from pneumo.run_folder import RunFolder
+    from pneumo.training.phases import build_phase
+    from pneumo.training.setup import first_phase_name, prepare_run, timed
 
     cfg = TrainConfig.from_dict({**options, "data": str(data)}).validate()
     out = Path(out or "runs/lr_find")
     out.mkdir(parents=True, exist_ok=True)
-    run = prepare_run(cfg, progress)
-    result = find_lr(run.model, run.phase(first_phase_name(cfg), out, progress), start_lr, end_lr, num_it, method)
-    plot_lr_find(result.lrs, result.losses, result.suggestion, out / "lr_find.png",
-                 extra_suggestions={k: v for k, v in result.suggestions.items() if k != method})
+    setup = prepare_run(cfg, progress)
+    phase = build_phase(setup, first_phase_name(cfg), RunFolder(out), progress)  # features land in OUT/checkpoints
+    with timed(setup.timings, "range_test_s"):
+        result = find_lr(setup.model, phase, start_lr, end_lr, num_it, method)
+    with timed(setup.timings, "plot_s"):
+        plot_lr_find(
+            result.lrs,
+            result.losses,
+            result.suggestion,
+            out / "lr_find.png",
+            extra_suggestions={k: v for k, v in result.suggestions.items() if k != method},
+        )
+    result.timings = setup.timings
     return result

@@ -1,0 +1,209 @@
+"""The fast path for a frozen body: adapt BatchNorm once, then compute body features once.
+
+With the body frozen, fastai still runs it forward and backward on every step so that BatchNorm can
+follow the X-ray statistics. Here BatchNorm's running statistics are re-estimated in one pass over
+training images, the body is then fixed, and the head trains on pooled features computed once per
+image: the expensive network runs about twice per image instead of twice per image per epoch. With
+``trainable_stages`` the last stages of the body (a small share of its cost) train too, on cached
+feature maps from the stage before them.
+
+``cached_features`` is what a run calls: both passes once, stored in the run folder
+(``RUN/checkpoints/features.pt``) and in the shared cache, keyed by everything they depend on.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from tqdm.auto import tqdm
+
+from pneumo.config import TrainConfig
+from pneumo.data.augment import augment_batch
+from pneumo.data.cache import cache_key, default_cache_dir, shared_cache_enabled
+from pneumo.errors import TrainingError
+from pneumo.nets.models import XrayNet
+from pneumo.run_folder import RunFolder
+from pneumo.training.setup import RunSetup, TrainData, timed
+
+
+def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def fold_batchnorm(model: XrayNet) -> XrayNet:
+    """A copy for inference in which every BatchNorm that follows a convolution is folded into it.
+
+    Fixed statistics make BatchNorm an affine map per channel, so the convolution can apply it: one
+    pass over each activation instead of two (features ~30% faster on a 2-core CPU). A BatchNorm's
+    activation (timm's ``BatchNormAct2d``) stays in its place. Pairs are found in registration
+    order, which is forward order in timm's EfficientNets and ResNets (a test checks the outputs).
+    """
+    model = copy.deepcopy(model).eval()
+    for parent in list(model.body.modules()):
+        names = list(parent._modules)
+        for conv_name, bn_name in zip(names, names[1:]):
+            conv, bn = parent._modules[conv_name], parent._modules[bn_name]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                parent._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
+                after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+                parent._modules[bn_name] = nn.Sequential(*after) if after else nn.Identity()
+    return model
+
+
+@torch.no_grad()
+def adapt_batchnorm(
+    model: XrayNet,
+    pixels: np.ndarray,
+    device: torch.device,
+    batch_size: int = TrainConfig.bn_adapt_batch_size,
+    progress: bool = True,
+) -> None:
+    """Re-estimate the body's BatchNorm running statistics on ``pixels`` (uint8 ``(N, H, W)``).
+
+    Cumulative averages (momentum None) weight every batch alike, so one pass is enough.
+    """
+    layers = batchnorm_layers(model.body)
+    saved = [bn.momentum for bn in layers]
+    for bn in layers:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.body.train()
+    for i in tqdm(
+        range(0, len(pixels), batch_size), desc="adapting BatchNorm", unit="batch", disable=not progress, leave=False
+    ):
+        x = torch.from_numpy(np.ascontiguousarray(pixels[i : i + batch_size])).unsqueeze(1).to(device)
+        model.body(model.normalize(x).contiguous(memory_format=torch.channels_last))
+    for bn, momentum in zip(layers, saved):
+        bn.momentum = momentum
+    model.body.eval()
+
+
+def feature_batch_size(device: torch.device) -> int:
+    """Small batches on a CPU (activations stay in cache: 8 images took 17 ms each on a 2-core EPYC,
+    16 took 20 ms); large ones on a GPU, where each batch costs a few hundred kernel launches."""
+    return 8 if device.type == "cpu" else 256
+
+
+@torch.inference_mode()
+def extract_features(
+    model: XrayNet,
+    pixels: np.ndarray,
+    device: torch.device,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+    desc: str = "computing features",
+    trainable_stages: int = 0,
+    half: bool = True,
+) -> torch.Tensor:
+    """What the frozen part of the body gives, augmented when a ``generator`` is given.
+
+    Pooled features ``(N, F)`` (float32) when only the head trains; with ``trainable_stages`` the
+    feature maps entering those stages ``(N, C, H, W)``, in float16 (half the memory) unless ``half``
+    is False: validation maps stay float32, so that the stored validation predictions, threshold and
+    temperature are those of the saved network. ``batch_size`` None: ``feature_batch_size(device)``.
+    """
+    model = fold_batchnorm(model)
+    batch_size = batch_size or feature_batch_size(device)
+    out = []
+    for i in tqdm(range(0, len(pixels), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        x = torch.from_numpy(np.ascontiguousarray(pixels[i : i + batch_size])).unsqueeze(1).to(device)
+        if generator is not None:
+            x = augment_batch(x, generator)
+        f = model.features_before(x.contiguous(memory_format=torch.channels_last), trainable_stages)
+        out.append(f.to(torch.float16 if trainable_stages and half else torch.float32).cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the features cache of a run
+# ---------------------------------------------------------------------------------------------
+def features_key(cfg: TrainConfig, data: TrainData) -> str:
+    """Everything the cached features depend on: backbone, weights, images, size, adaptation, views."""
+    weights = cfg.weights and Path(cfg.weights)
+    stamp = f"{weights}:{weights.stat().st_mtime_ns}" if weights and weights.exists() else str(weights)
+    images = [cache_key([s.path for s in samples], cfg.image_size) for samples in (data.train, data.valid)]
+    parts = [
+        cfg.arch,
+        cfg.pretrained,
+        stamp,
+        cfg.image_size,
+        cfg.bn_adapt_images,
+        cfg.bn_adapt_batch_size,
+        cfg.feature_views,
+        cfg.augment,
+        cfg.trainable_stages,
+        cfg.seed,
+        *images,
+    ]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+
+
+def cached_features(setup: RunSetup, folder: RunFolder, progress: bool) -> dict[str, torch.Tensor]:
+    """BatchNorm adapted on a seeded sample of training images, then features for every image.
+
+    Stored with the adapted body in the run folder (a resumed run skips both passes) and in the
+    shared cache (``lr-find`` then ``train``, or runs that differ only in the head, compute them once).
+    The two passes add their seconds to ``setup.timings`` (``bn_adapt_s``, ``features_s``).
+    """
+    cfg, model, data, device, generator = setup.cfg, setup.model, setup.data, setup.device, setup.generator
+    key = features_key(cfg, data)
+    own = folder.features_file
+    shared = default_cache_dir() / f"features-{key}.pt"
+    use_shared = shared_cache_enabled()
+    for candidate in (own, shared) if use_shared else (own,):
+        if not candidate.exists():
+            continue
+        try:
+            saved = folder.load_checkpoint(candidate)
+        except TrainingError:  # a damaged cache file is computed again, never trusted
+            continue
+        if saved.get("key") != key:  # another data set or config wrote this folder before
+            continue
+        model.body.load_state_dict(saved["body"])
+        generator.set_state(saved["generator"])
+        if candidate != own:
+            folder.save_checkpoint(own, **saved)
+        return {"train": saved["train"], "valid": saved["valid"]}
+    rng = np.random.default_rng(cfg.seed)
+    sample = np.sort(rng.permutation(len(data.train_pixels))[: cfg.bn_adapt_images])
+    if cfg.bn_adapt_images > 0:
+        with timed(setup.timings, "bn_adapt_s"):
+            adapt_batchnorm(model, data.train_pixels[sample], device, cfg.bn_adapt_batch_size, progress=progress)
+    with timed(setup.timings, "features_s"):
+        views = [
+            extract_features(
+                model,
+                data.train_pixels,
+                device,
+                progress=progress,
+                generator=generator if (cfg.augment and v > 0) else None,
+                desc=f"features, train view {v + 1}/{cfg.feature_views}",
+                trainable_stages=cfg.trainable_stages,
+            )
+            for v in range(cfg.feature_views)
+        ]
+        valid = extract_features(
+            model,
+            data.valid_pixels,
+            device,
+            progress=progress,
+            desc="features, valid",
+            trainable_stages=cfg.trainable_stages,
+            half=False,
+        )
+    feats = {"train": torch.stack(views), "valid": valid}
+    saved = dict(key=key, body=model.body.state_dict(), generator=generator.get_state(), **feats)
+    folder.save_checkpoint(own, **saved)
+    if use_shared:
+        try:
+            folder.save_checkpoint(shared, **saved)
+        except OSError:
+            pass  # a read-only cache costs time next run, never this one
+    return feats

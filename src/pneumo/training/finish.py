@@ -1,0 +1,99 @@
+"""The end of a run: calibrate and choose the threshold on validation, write figures, export the model."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pneumo.config import TrainConfig
+from pneumo.data.folders import reference_prevalence, subtype_of
+from pneumo.evaluation.metrics import (
+    choose_threshold,
+    evaluate_predictions,
+    fit_temperature,
+    positive_index,
+    softmax,
+    write_evaluation_figures,
+)
+from pneumo.infer.model_folder import LoadedModel, ModelMeta, save_model
+from pneumo.nets.models import XrayNet
+from pneumo.plots import plot_training_curves
+from pneumo.run_folder import RunFolder, ValidPredictions
+
+
+@dataclass
+class RunResult:
+    """What ``pneumo.train`` returns: where the run and its model lie, and what validation said."""
+
+    run_dir: Path
+    model_dir: Path
+    history: list[dict]
+    evaluation: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def finish_run(
+    cfg: TrainConfig,
+    run_dir: Path,
+    model: XrayNet,
+    data: Any,
+    history: list[dict],
+    device: torch.device,
+    valid_logits: torch.Tensor | None,
+    progress: bool,
+) -> RunResult:
+    """Temperature and threshold from validation only; ``valid_eval.json``, predictions, figures, model."""
+    run = RunFolder(run_dir)
+    model.eval()
+    classes = data.classes
+    binary = len(classes) == 2
+    pos = positive_index(classes) if binary else None
+    meta = ModelMeta(
+        arch=cfg.arch,
+        classes=classes,
+        image_size=cfg.image_size,
+        positive_class=classes[pos] if binary else None,
+        trained_with=cfg.to_dict(),
+    )
+    if valid_logits is None:
+        valid_logits = torch.from_numpy(LoadedModel(model, meta, device).logits(data.valid_pixels, tta=cfg.tta))
+    logits = valid_logits.numpy().astype(np.float64)
+    labels = np.array([s.label for s in data.valid])
+    temperature = fit_temperature(logits, labels)
+    probs = softmax(logits, temperature)
+    if binary:
+        meta.threshold = choose_threshold(probs[:, pos], labels, cfg.threshold, pos)
+        meta.threshold_method = cfg.threshold
+    meta.temperature = temperature
+    report = evaluate_predictions(
+        probs,
+        labels,
+        classes,
+        meta.operating_threshold,
+        logits=logits,
+        subtypes=[subtype_of(s.path.name) for s in data.valid],
+        groups=np.array([s.patient for s in data.valid]),
+        temperature=temperature,
+        reweight_to=reference_prevalence(classes) if binary else None,
+    )
+    report["split"] = cfg.split
+    report["n_train"], report["n_valid"] = len(data.train), len(data.valid)
+    run.write_evaluation(report)
+    run.write_predictions(
+        ValidPredictions(classes, [str(s.path) for s in data.valid], labels, [s.patient for s in data.valid], probs)
+    )
+    write_evaluation_figures(report, probs, labels, run.path)
+    plot_training_curves(history, run.figure("curves.png"))
+    model_dir = save_model(model, meta, run.model_dir)
+    message = (
+        f"model saved to {model_dir} (threshold {meta.threshold:.3f} by {meta.threshold_method}, "
+        f"temperature {temperature:.2f})"
+    )
+    tqdm.write(message, file=sys.stdout if progress else sys.stderr)
+    return RunResult(run.path, model_dir, history, report, data.notes)

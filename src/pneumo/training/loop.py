@@ -1,0 +1,170 @@
+"""The training loop, read top to bottom: config -> data and model -> phases of one-cycle epochs -> evaluation.
+
+Phase 1 is the tutorial's ``fit_one_cycle(epochs, lr)`` with the body frozen (BatchNorm adapted to
+X-rays). By default it runs on cached body features (see ``features.py``) on a CPU and a GPU alike;
+``mode="full"`` runs the body every step on augmented batches taken straight from the uint8 image
+cache on the device, as training from scratch and phase 2 always do. Phase 2 (``unfreeze_epochs`` >
+0) fine-tunes the whole network with discriminative learning rates. What the phases are built from is
+in ``setup.py`` (shared with the LR range test), how in ``phases.py``.
+
+Every epoch ends with an atomic checkpoint holding the model, optimizer, RNG states (the GPU's
+too), the fp16 loss scale and history, so ``resume=True`` continues a killed run and ends exactly
+where an uninterrupted run ends (on a CPU; GPU kernels need not be deterministic). Then the
+callbacks hear of it (``events.py``): ``metrics.csv``, the printed table and trackers are callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pneumo.config import TrainConfig
+from pneumo.errors import PneumoError
+from pneumo.run_folder import RunFolder, SplitRecord
+from pneumo.training.events import Callback, EpochTable, MetricsCSV, Run, emit
+from pneumo.training.finish import RunResult, finish_run
+from pneumo.training.phases import build_phase
+from pneumo.training.setup import first_phase_name, prepare_run, timed
+from pneumo.training.tracking import make_trackers
+
+__all__ = ["StopRequested", "new_run_dir", "train"]
+
+
+class StopRequested(Exception):
+    """Raised after a checkpoint when ``stop_after_epoch`` is reached: stands in for a kill in tests."""
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{cfg.arch}"
+
+
+def train(
+    data: str | Path | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    quiet: bool = False,
+    callbacks: Sequence[Callback] = (),
+    track: Sequence[str] = (),
+    stop_after_epoch: int | None = None,
+    **options: Any,
+) -> RunResult:
+    """Train a model as ``pneumo train`` does; ``options`` are TrainConfig fields.
+
+    With ``resume=True`` and ``out=RUN_DIR``, the run continues from its last checkpoint with the
+    config it was started with. ``quiet`` prints no epoch table; ``callbacks`` hear the run's events
+    (``events.Callback``); ``track`` names trackers (``"tensorboard"``, ``"mlflow"``, see ``tracking.py``).
+    """
+    # --- the config: given, or read back from the run being resumed -----------------------------
+    state: dict | None = None
+    if resume:
+        folder = RunFolder(options["out"]) if options.get("out") else None
+        if folder is None or not folder.config_file.exists():
+            raise PneumoError(
+                f"--resume needs --out RUN_DIR of an earlier run (no config.json in {folder.path if folder else None})"
+            )
+        cfg = folder.read_config().validate()
+        state = folder.load_checkpoint() if folder.has_started() else None
+    else:
+        cfg = TrainConfig.from_dict({**options, "data": str(data)}).validate()
+        folder = RunFolder(new_run_dir(cfg))
+        if folder.has_started():
+            raise PneumoError(
+                f"{folder.path} holds a run already: add --resume to continue it, or choose another --out"
+            )
+        cfg.out = str(folder.path)
+    callbacks = [MetricsCSV(), *([] if quiet else [EpochTable()]), *make_trackers(track, folder.path), *callbacks]
+    folder.path.mkdir(parents=True, exist_ok=True)
+    folder.write_config(cfg)
+
+    # --- data and model, built as the LR range test builds them --------------------------------------
+    started = time.perf_counter()
+    setup = prepare_run(cfg, progress, pretrained=state is None)
+    model, generator, valid_y = setup.model, setup.generator, setup.valid_y
+    folder.write_split(
+        SplitRecord(
+            cfg.split,
+            setup.data.classes,
+            [str(s.path) for s in setup.data.train],
+            [str(s.path) for s in setup.data.valid],
+            setup.data.notes,
+        )
+    )
+    history: list[dict] = json.loads(state["history"]) if state else []
+    run = Run(cfg, folder, setup, history, resumed=state is not None, progress=progress)
+    if state:
+        model.load_state_dict(state["model"])
+    emit(callbacks, "on_run_start", run)
+
+    # --- phases of one-cycle epochs, a checkpoint after each epoch -----------------------------------
+    valid_logits: torch.Tensor | None = None
+    start_phase, start_epoch = (state["phase"], state["epoch"]) if state else (0, 0)
+    phases = [(first_phase_name(cfg), cfg.epochs), ("unfrozen", cfg.unfreeze_epochs)]
+    for phase_index, (name, epochs) in enumerate(phases):
+        if epochs == 0 or phase_index < start_phase:
+            continue
+        phase = build_phase(setup, name, folder, progress)
+        first = start_epoch if phase_index == start_phase else 0
+        if state and phase_index == start_phase and first > 0:  # continue mid-phase exactly
+            model.load_state_dict(state["model"])  # building the phase may have reloaded cached body weights
+            phase.opt.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") and setup.device.type == "cuda":  # dropout on a GPU draws from it
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            if state.get("scaler") and phase.scaler is not None:  # fp16 loss scale
+                phase.scaler.load_state_dict(state["scaler"])
+        if first < epochs:
+            emit(callbacks, "on_phase_start", run, name, epochs)
+        for epoch in range(first, epochs):
+            emit(callbacks, "on_epoch_start", run, name, len(history) + 1)
+            t0 = time.perf_counter()
+            train_loss = phase.train_epoch(epoch, progress)
+            t1 = time.perf_counter()
+            logits = valid_logits = phase.valid_logits().cpu()
+            valid_loss = F.cross_entropy(logits, valid_y).item()
+            error = (logits.argmax(1) != valid_y).float().mean().item()
+            row = {
+                "epoch": len(history) + 1,
+                "phase": name,
+                "train_loss": round(train_loss, 6),
+                "valid_loss": round(valid_loss, 6),
+                "error_rate": round(error, 6),
+                "time": round(time.perf_counter() - t0, 2),
+                "valid_time": round(time.perf_counter() - t1, 2),
+                "elapsed": round(time.perf_counter() - started, 2),
+            }
+            history.append(row)
+            folder.save_checkpoint(
+                phase=phase_index,
+                epoch=epoch + 1,
+                model=model.state_dict(),
+                optimizer=phase.opt.state_dict(),
+                generator=generator.get_state(),
+                torch_rng=torch.get_rng_state(),
+                history=json.dumps(history),
+                cuda_rng=torch.cuda.get_rng_state_all() if setup.device.type == "cuda" else [],
+                scaler=phase.scaler.state_dict() if phase.scaler is not None else {},
+            )
+            emit(callbacks, "on_epoch_end", run, row)  # metrics.csv first: it lands after the checkpoint
+            if stop_after_epoch is not None and len(history) >= stop_after_epoch:
+                raise StopRequested(f"stopped after epoch {len(history)} as asked")
+        start_phase, start_epoch = phase_index + 1, 0
+
+    # --- calibration, threshold, figures and the model folder, from validation only -------------------
+    if cfg.tta:
+        valid_logits = None  # predict afresh with flipped copies
+    with timed(setup.timings, "finish_s"):
+        result = finish_run(cfg, folder.path, model, setup.data, history, setup.device, valid_logits, progress)
+    emit(callbacks, "on_run_end", run, result)
+    return result
