@@ -25,8 +25,9 @@ import torch
 
 from pneumo.config import TrainConfig
 from pneumo.data.cache import decode_images
+from pneumo.nets.batchnorm import adapt_batchnorm
 from pneumo.nets.models import create_model, set_body_trainable
-from pneumo.training.features import adapt_batchnorm, extract_features
+from pneumo.training.features import extract_features
 from pneumo.training.phases import HeadOnFeatures, make_optimizer
 
 BENCH = Path(__file__).resolve().parent

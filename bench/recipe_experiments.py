@@ -30,6 +30,8 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_
 # defaults change (they did: "balanced_stages2_views2" won and became the default).
 TUTORIAL = {"class_balance": "none", "trainable_stages": 0, "feature_views": 1}  # body frozen, plain loss
 BALANCED = {**TUTORIAL, "class_balance": "weights"}  # loss weights vs 3:1
+# pneumo train's defaults today (the winner "stages2_views2_bnbs8"), spelt out
+DEFAULT = {**BALANCED, "trainable_stages": 2, "feature_views": 2, "bn_adapt_batch_size": 8}
 
 CANDIDATES: dict[str, dict] = {
     "base": TUTORIAL,
@@ -67,6 +69,11 @@ CANDIDATES: dict[str, dict] = {
         "unfreeze_epochs": 2,
     },
     "lite2_stages2_bnbs8": {**BALANCED, "arch": "efficientnet_lite2", "trainable_stages": 2, "bn_adapt_batch_size": 8},
+    # "generalise to films pneumo has never seen" (deliverable 2): the default recipe with the
+    # "radiograph" augmentation policy (random resized crops, gamma, contrast, blur or sharpening,
+    # noise, JPEG quality) on its augmented cached views; then with three augmented views, not one
+    "radiograph_views2": {**DEFAULT, "augment_policy": "radiograph"},
+    "radiograph_views4": {**DEFAULT, "augment_policy": "radiograph", "feature_views": 4},
 }
 
 

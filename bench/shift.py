@@ -299,7 +299,7 @@ def fullres_comparison(
         try:
             img = grey(open_image(path))
         except ImageError as exc:
-            films.append({"name": path.name, "error": str(exc)})
+            films.append({"film": len(films), "error": exc.reason})
             continue
         base = prepare(img, size)
         copy = copies_by_name.get(path.name)
@@ -319,9 +319,9 @@ def fullres_comparison(
         label = label_of(path, model.classes)
         films.append(
             {
-                "name": path.name,
+                "film": len(films),  # an index, not the file name: Kermany names carry patient ids
                 "label": None if label is None else model.classes[label],
-                "copy": str(copy) if copy else None,
+                "has_copy": copy is not None,
                 "in_films": path.name in held_out,
                 "p": {n: _r(p.get(n)) for n in conditions},
             }

@@ -288,7 +288,7 @@ def test_bench_runs_end_to_end_on_a_small_model(trained_run, tmp_path, capsys, m
     assert set(report["worst"]) == {"photometric", "acquisition"}
     assert report["worst"]["acquisition"]["largest_p95_abs_dp"]["shift"] == "png"
     full = report["fullres"]
-    assert full["n"] == 2 and all(f["copy"] and f["in_films"] is not None for f in full["films"])
+    assert full["n"] == 2 and all(f["has_copy"] and f["in_films"] is not None for f in full["films"])
     assert full["summary"]["original"]["vs_original"]["max_abs_dp"] == 0
     assert full["summary"]["pneumo_resize+png"]["vs_original"]["max_abs_dp"] == 0
     md = (out / "shift.md").read_text()

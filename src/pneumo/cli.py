@@ -159,10 +159,39 @@ def print_validation(evaluation: dict) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pneumo.infer.predict import evaluate_model_on_folder, format_evaluation
 
+    adapt = None
+    if args.adapt:
+        from pneumo.infer.adapt import evaluation_adapter
+
+        adapt = evaluation_adapter(
+            args.model, args.threshold or "auto", allow_few=args.allow_few, progress=not args.json
+        )
+    elif args.threshold is not None or args.allow_few:
+        raise PneumoError("--threshold and --allow-few say how to adapt: they go with --adapt")
     report = evaluate_model_on_folder(
-        args.model, args.data, out=args.out, split=args.split, tta=args.tta, progress=not args.json
+        args.model, args.data, out=args.out, split=args.split, tta=args.tta, progress=not args.json, adapt=adapt
     )
     emit_json(report) if args.json else print(format_evaluation(report))
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from pneumo.infer.adapt import adapt_films, format_adaptation
+
+    result = adapt_films(
+        args.model,
+        args.films,
+        args.out,
+        threshold_rule=args.threshold or "auto",
+        allow_few=args.allow_few,
+        progress=not args.json,
+    )
+    if args.json:
+        emit_json(result.summary())
+    else:
+        print(f"adapted model: {result.out}\n{format_adaptation(result.record)}")
+        for path, why in result.skipped.items():
+            print(f"  skipped {path}: {why}")
     return 0
 
 
@@ -306,6 +335,29 @@ def add_training_arguments(p: argparse.ArgumentParser, command: str) -> argparse
     return g
 
 
+def add_adapt_arguments(p: argparse.ArgumentParser, evaluate: bool) -> None:
+    """The options of ``pneumo adapt``, shared by ``evaluate --adapt``; pneumo.infer.adapt checks the values."""
+    if evaluate:
+        p.add_argument(
+            "--adapt",
+            action="store_true",
+            help="first adapt the model to the evaluated films themselves, their labels unused (as pneumo adapt)",
+        )
+    with_adapt = "with --adapt: " if evaluate else ""
+    p.add_argument(
+        "--threshold",
+        default=None,
+        metavar="RULE",
+        help=f"{with_adapt}how the threshold is re-derived without labels: keep, prior (moved by the prevalence "
+        "estimated on the films) or auto (default: prior for a fixed: threshold, keep for youden and sensitivity:)",
+    )
+    p.add_argument(
+        "--allow-few",
+        action="store_true",
+        help=f"{with_adapt}adapt on fewer films than the measured minimum (pneumo.infer.adapt.MIN_ADAPT_FILMS)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pneumo",
@@ -389,6 +441,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for the JSON and PNG figures")
     p.add_argument("--tta", action="store_true")
     p.add_argument("--json", action="store_true")
+    add_adapt_arguments(p, evaluate=True)
+
+    p = command(
+        "adapt",
+        cmd_adapt,
+        "adapt a model to a new site from its unlabelled films: BatchNorm statistics re-estimated, "
+        "threshold re-derived without labels (pneumo.infer.adapt)",
+    )
+    p.add_argument("model", help="model folder (RUN/model) or run folder")
+    p.add_argument("films", help="folder of the site's images, searched recursively; labels are never read")
+    p.add_argument("--out", required=True, help="folder for the adapted model (a model folder)")
+    p.add_argument("--json", action="store_true", help="print what was done as JSON")
+    add_adapt_arguments(p, evaluate=False)
 
     p = command("predict", cmd_predict, "label and probability for image files or folders")
     p.add_argument("model")

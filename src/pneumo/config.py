@@ -32,6 +32,7 @@ PRETRAINED = ("imagenet", "none")
 MODES = ("auto", "features", "full")  # auto: what configs of older runs say, run as features
 BALANCE = ("none", "weights")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+AUGMENT_POLICIES = ("standard", "radiograph")  # implemented in data.augment (which imports torch)
 
 # a field's own rule: None when the value is fine, else what is wrong ("" when `expect` says it all)
 Check = Callable[[Any], "str | None"]
@@ -164,6 +165,13 @@ class TrainConfig:
     #  at a tenth of the head's LR (on cached maps in features mode); 0 = the tutorial's frozen body;
     #  what each N trains: `pneumo models`
     augment: bool = option(True, "random rotation, zoom, shift, lighting, horizontal flip")
+    augment_policy: str = option(
+        "standard",
+        "with --augment: standard, or radiograph: random resized crops, gamma, contrast, blur or sharpen, noise, "
+        "JPEG quality",
+        choices=AUGMENT_POLICIES,
+    )
+    #  radiograph: the outside films' differences (data.shifts) drawn at random, for films pneumo never saw
     class_balance: str = option("weights", "loss weights inverse to class frequency, or none", choices=BALANCE)
     # --- decisions --------------------------------------------------------------------------------
     threshold: str = option("youden", "how validation sets the decision threshold", check=_threshold, train_only=True)

@@ -42,6 +42,7 @@ class ModelMeta:
     pneumo_version: str = __version__
     trained_with: dict = field(default_factory=dict)  # the training config
     members: list[str] = field(default_factory=list)  # an ensemble's member model folders (relative)
+    adaptation: dict = field(default_factory=dict)  # `pneumo adapt`: what was re-estimated, on how many films
 
     # ------------------------------------------------------------------ the decision rule
     @property
@@ -93,7 +94,7 @@ class ModelMeta:
             raise bad("hidden", f"must be a whole number in [1, 65536], not {self.hidden!r}")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", f"must lie in [0, 1), not {self.dropout!r}")
-        for name in ("normalisation", "trained_with"):
+        for name in ("normalisation", "trained_with", "adaptation"):
             if not isinstance(getattr(self, name), dict):
                 raise bad(name, "must be an object")
         if not isinstance(self.members, list) or not all(isinstance(m, str) for m in self.members):

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
+from pneumo.data.cache import decode_images
 from pneumo.data.folders import discover, is_image_file, subtype_of
 from pneumo.errors import DataError, PneumoError
 from pneumo.evaluation.metrics import evaluate_predictions, write_evaluation_figures
@@ -83,11 +84,16 @@ def evaluate_model_on_folder(
     split: str | None = None,
     tta: bool = False,
     progress: bool = True,
+    adapt: Callable[[LoadedModel, np.ndarray], tuple[LoadedModel, dict]] | None = None,
 ) -> dict:
     """Metrics of a saved model on labelled images, at its stored threshold and temperature.
 
     ``data`` is a folder of class folders (Kaggle's ``test``) or a Kaggle root, whose ``test`` split
     is used unless ``split`` says otherwise. Class folders must match the model's classes.
+
+    ``adapt`` (``pneumo evaluate --adapt``: ``infer.adapt.evaluation_adapter``) takes the model and
+    the pixels of the evaluated films, never their labels, and returns the model to evaluate and
+    what was done, reported under ``"adapted"``.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     dataset = discover(data)
@@ -98,7 +104,16 @@ def evaluate_model_on_folder(
     if unknown:
         raise PneumoError(f"{data}: classes {sorted(unknown)} are not among the model's {loaded.classes}")
     samples = dataset.split(chosen)
-    probs, ok, errors = loaded.predict_paths([s.path for s in samples], progress=progress, tta=tta)
+    adapted = None
+    if adapt is None:
+        probs, ok, errors = loaded.predict_paths([s.path for s in samples], progress=progress, tta=tta)
+    else:  # decoded once: the films adapt the model, then the adapted model reads them
+        decoded = decode_images([s.path for s in samples], loaded.meta.image_size, progress=progress, use_cache=False)
+        ok, errors = decoded.ok, decoded.errors
+        pixels = np.asarray(decoded.pixels)[ok]
+        loaded, adapted = adapt(loaded, pixels)
+        probs = np.full((len(samples), len(loaded.classes)), np.nan, dtype=np.float32)
+        probs[ok] = loaded.probabilities(pixels, tta=tta)
     kept = [s for s, good in zip(samples, ok) if good]
     labels = np.array([loaded.classes.index(dataset.classes[s.label]) for s in kept])
     report = evaluate_predictions(
@@ -110,6 +125,8 @@ def evaluate_model_on_folder(
         groups=np.array([s.patient for s in kept]),
     )
     report.update(data=str(dataset.root), split=chosen, model=loaded.meta.arch, skipped=errors)
+    if adapted is not None:
+        report["adapted"] = adapted
     if out:
         out = Path(out)
         write_evaluation_figures(report, probs[ok], labels, out)
@@ -135,6 +152,13 @@ def format_evaluation(report: dict) -> str:
         lines.append(f"  confusion    {report.get('confusion_matrix')} (rows actual, columns predicted)")
     else:
         lines += [f"  {k}: {v}" for k, v in m.items()]
+    adapted = report.get("adapted")
+    if adapted:
+        t = adapted.get("threshold") or {}
+        lines.append(
+            f"  adapted      to these {adapted['films']} films, labels unused: BatchNorm re-estimated"
+            + (f"; threshold {t['before']:.3f} -> {t['after']:.3f} ({t['rule']})" if t else "")
+        )
     for path, why in (report.get("skipped") or {}).items():
         lines.append(f"  skipped {path}: {why}")
     if report.get("figures"):

@@ -27,13 +27,10 @@ from pneumo.config import TrainConfig
 from pneumo.data.augment import augment_batch
 from pneumo.data.cache import cache_key, default_cache_dir, shared_cache_enabled
 from pneumo.errors import TrainingError
+from pneumo.nets.batchnorm import adapt_batchnorm
 from pneumo.nets.models import XrayNet
 from pneumo.run_folder import RunFolder
 from pneumo.training.setup import RunSetup, TrainData, timed
-
-
-def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def fold_batchnorm(model: XrayNet) -> XrayNet:
@@ -56,34 +53,6 @@ def fold_batchnorm(model: XrayNet) -> XrayNet:
     return model
 
 
-@torch.no_grad()
-def adapt_batchnorm(
-    model: XrayNet,
-    pixels: np.ndarray,
-    device: torch.device,
-    batch_size: int = TrainConfig.bn_adapt_batch_size,
-    progress: bool = True,
-) -> None:
-    """Re-estimate the body's BatchNorm running statistics on ``pixels`` (uint8 ``(N, H, W)``).
-
-    Cumulative averages (momentum None) weight every batch alike, so one pass is enough.
-    """
-    layers = batchnorm_layers(model.body)
-    saved = [bn.momentum for bn in layers]
-    for bn in layers:
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.body.train()
-    for i in tqdm(
-        range(0, len(pixels), batch_size), desc="adapting BatchNorm", unit="batch", disable=not progress, leave=False
-    ):
-        x = torch.from_numpy(np.ascontiguousarray(pixels[i : i + batch_size])).unsqueeze(1).to(device)
-        model.body(model.normalize(x).contiguous(memory_format=torch.channels_last))
-    for bn, momentum in zip(layers, saved):
-        bn.momentum = momentum
-    model.body.eval()
-
-
 def feature_batch_size(device: torch.device) -> int:
     """Small batches on a CPU (activations stay in cache: 8 images took 17 ms each on a 2-core EPYC,
     16 took 20 ms); large ones on a GPU, where each batch costs a few hundred kernel launches."""
@@ -101,8 +70,9 @@ def extract_features(
     desc: str = "computing features",
     trainable_stages: int = 0,
     half: bool = True,
+    augment_policy: str = "standard",
 ) -> torch.Tensor:
-    """What the frozen part of the body gives, augmented when a ``generator`` is given.
+    """What the frozen part of the body gives, augmented (by ``augment_policy``) when a ``generator`` is given.
 
     Pooled features ``(N, F)`` (float32) when only the head trains; with ``trainable_stages`` the
     feature maps entering those stages ``(N, C, H, W)``, in float16 (half the memory) unless ``half``
@@ -115,7 +85,7 @@ def extract_features(
     for i in tqdm(range(0, len(pixels), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         x = torch.from_numpy(np.ascontiguousarray(pixels[i : i + batch_size])).unsqueeze(1).to(device)
         if generator is not None:
-            x = augment_batch(x, generator)
+            x = augment_batch(x, generator, policy=augment_policy)
         f = model.features_before(x.contiguous(memory_format=torch.channels_last), trainable_stages)
         out.append(f.to(torch.float16 if trainable_stages and half else torch.float32).cpu())
     return torch.cat(out)
@@ -124,25 +94,20 @@ def extract_features(
 # ---------------------------------------------------------------------------------------------
 # the features cache of a run
 # ---------------------------------------------------------------------------------------------
-def features_key(cfg: TrainConfig, data: TrainData) -> str:
+def features_key_parts(cfg: TrainConfig, data: TrainData) -> list:
     """Everything the cached features depend on: backbone, weights, images, size, adaptation, views."""
     weights = cfg.weights and Path(cfg.weights)
     stamp = f"{weights}:{weights.stat().st_mtime_ns}" if weights and weights.exists() else str(weights)
     images = [cache_key([s.path for s in samples], cfg.image_size) for samples in (data.train, data.valid)]
-    parts = [
-        cfg.arch,
-        cfg.pretrained,
-        stamp,
-        cfg.image_size,
-        cfg.bn_adapt_images,
-        cfg.bn_adapt_batch_size,
-        cfg.feature_views,
-        cfg.augment,
-        cfg.trainable_stages,
-        cfg.seed,
-        *images,
-    ]
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+    parts = [cfg.arch, cfg.pretrained, stamp, cfg.image_size, cfg.bn_adapt_images, cfg.bn_adapt_batch_size]
+    parts += [cfg.feature_views, cfg.augment, cfg.trainable_stages, cfg.seed, *images]
+    if cfg.augment_policy != "standard":  # a standard run's key stays as it was: its caches stay valid
+        parts.append(cfg.augment_policy)
+    return parts
+
+
+def features_key(cfg: TrainConfig, data: TrainData) -> str:
+    return hashlib.sha256(repr(features_key_parts(cfg, data)).encode()).hexdigest()[:24]
 
 
 def cached_features(setup: RunSetup, folder: RunFolder, progress: bool) -> dict[str, torch.Tensor]:
@@ -184,6 +149,7 @@ def cached_features(setup: RunSetup, folder: RunFolder, progress: bool) -> dict[
                 device,
                 progress=progress,
                 generator=generator if (cfg.augment and v > 0) else None,
+                augment_policy=cfg.augment_policy,
                 desc=f"features, train view {v + 1}/{cfg.feature_views}",
                 trainable_stages=cfg.trainable_stages,
             )

@@ -189,9 +189,11 @@ class FullNetwork(Phase):
         augment: bool,
         amp: torch.dtype | None,
         channels_last: bool,
+        augment_policy: str = "standard",
         **kw,
     ):
         super().__init__(*args, **kw)
+        self.augment_policy = augment_policy
         self.name, self.train_x, self.train_y, self.valid_x = name, train_x, train_y, valid_x
         self.augment, self.amp, self.channels_last = augment, amp, channels_last
         if amp == torch.float16:  # fp16 gradients underflow without scaling; bf16 has fp32's range
@@ -207,7 +209,7 @@ class FullNetwork(Phase):
     def step(self, idx: torch.Tensor) -> torch.Tensor:
         self.model.train()
         x = self.train_x[idx]
-        x = augment_batch(x.unsqueeze(1), self.gen).squeeze(1) if self.augment else x
+        x = augment_batch(x.unsqueeze(1), self.gen, policy=self.augment_policy).squeeze(1) if self.augment else x
         with self._autocast():
             logits = self.model(self._prepare(x))
         return F.cross_entropy(logits.float(), self.train_y[idx], weight=self.class_weights)
@@ -286,6 +288,7 @@ def build_phase(setup: RunSetup, name: str, folder: RunFolder, progress: bool = 
         train_y=setup.train_y.to(device),
         valid_x=torch.from_numpy(data.valid_pixels).to(device),
         augment=cfg.augment,
+        augment_policy=cfg.augment_policy,
         amp=setup.amp,
         channels_last=cfg.channels_last,
         **common,
