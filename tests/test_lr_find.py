@@ -111,3 +111,17 @@ def test_lr_find_into_the_same_folder_on_other_data_recomputes_features(tmp_path
     saved = torch.load(tmp_path / "lr" / "checkpoints" / "features.pt", weights_only=True)
     assert saved["train"].shape[1] < 60  # the second data set's 48 training images, not the sample's 160
     assert first.lrs != [] and second.lrs != []
+
+
+def test_lr_find_command_line_writes_its_plot_into_out(tmp_path, capsys):
+    """`pneumo lr-find DATA --out DIR` as the demo runs it: --out is the plot's folder, not a config clash."""
+    import json
+
+    from pneumo import cli
+
+    out = tmp_path / "lr"
+    code = cli.main(["lr-find", str(SAMPLE), "--out", str(out), "--image-size", "48", "--num-it", "12", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["plot"] == str(out / "lr_find.png") and (out / "lr_find.png").stat().st_size > 1000
+    assert report["suggestion"] > 0 and len(report["lrs"]) == len(report["losses"]) > 3

@@ -70,6 +70,7 @@ def training_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
     options = training_options(args)
+    options.pop("out", None)  # lr-find's --out is the folder for its plot, passed on its own below
     TrainConfig.from_dict({**options, "data": args.data})  # a mistyped option fails before any data is read
     from pneumo.training.lr_finder import lr_find
 
