@@ -317,7 +317,7 @@ def test_old_flag_spellings_still_parse():
             "0.01",
         ]
     )
-    assert cli.training_options(args) == {
+    assert cli.training_options(args, "train") == {
         "augment": False,
         "keep_val": True,
         "image_size": 64,

@@ -59,18 +59,16 @@ def cmd_show_batch(args: argparse.Namespace) -> int:
     return 0
 
 
-def training_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig options the user gave (each one's parser default is None: unset)."""
-    return {
-        f.name: getattr(args, f.name)
-        for f in fields(TrainConfig)
-        if not f.metadata["positional"] and getattr(args, f.name, None) is not None
-    }
+def training_options(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The TrainConfig options of ``pneumo COMMAND`` the user gave (each parser default is None: unset).
+
+    Only the fields the command declares are read: lr-find's own ``--out`` (its plot folder) is not
+    the training run folder of the same name."""
+    return {f.name: getattr(args, f.name) for f in training_fields(command) if getattr(args, f.name) is not None}
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    options = training_options(args)
-    options.pop("out", None)  # lr-find's --out is the folder for its plot, passed on its own below
+    options = training_options(args, "lr-find")
     TrainConfig.from_dict({**options, "data": args.data})  # a mistyped option fails before any data is read
     from pneumo.training.lr_finder import lr_find
 
@@ -103,7 +101,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    options = training_options(args)
+    options = training_options(args, "train")
     if args.resume:
         if not args.out:
             raise PneumoError("--resume needs --out RUN_DIR (the folder of the run to continue)")
