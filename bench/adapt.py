@@ -82,10 +82,6 @@ TOLERANCE = 0.01  # accuracy within this of all films' counts as "enough films"
 # ---------------------------------------------------------------- films
 
 
-def run_folder_of(path: Path) -> RunFolder:
-    return RunFolder(path.parent if (path / "model.json").is_file() else path)
-
-
 def held_out_films(run: RunFolder, classes: list[str]) -> tuple[list[str], np.ndarray, list[str], list[str]]:
     """(paths, labels, patients, notes) of the run's validation films whose folder names a class."""
     split = run.read_split()
@@ -284,7 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    folder = run_folder_of(args.run)
+    folder = RunFolder.holding(args.run)
     model = load_model(folder.path, args.device)
     if not args.no_channels_last:  # ~2x CPU throughput (bench/shift.py); every adapted copy inherits it
         model.net.to(memory_format=torch.channels_last)
@@ -442,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     except PneumoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = args.out or RESULTS / f"adapt_{args.name or run_folder_of(args.run).path.resolve().name}.json"
+    out = args.out or RESULTS / f"adapt_{args.name or RunFolder.holding(args.run).path.resolve().name}.json"
     atomic_write_json(out, report)
     report["written_to"] = str(out)
     print(json.dumps(report, indent=2))

@@ -69,11 +69,6 @@ CLEAN = "clean"
 # ---------------------------------------------------------------- which films
 
 
-def run_folder_of(model_dir: Path) -> Path:
-    """MODEL_DIR is RUN/model (its parent is the run) or the run folder itself."""
-    return model_dir.parent if (model_dir / "model.json").is_file() else model_dir
-
-
 def label_of(path: str | Path, classes: list[str]) -> int | None:
     """The class index named by the film's folder, or None for a folder that names no class."""
     name = Path(path).parent.name
@@ -82,7 +77,7 @@ def label_of(path: str | Path, classes: list[str]) -> int | None:
 
 def films_from_run(model_dir: Path, classes: list[str]) -> tuple[list[str], str, str, np.ndarray | None]:
     """(paths, source, split method, the run's stored clean probabilities or None) for the held-out films."""
-    run = RunFolder(run_folder_of(model_dir))
+    run = RunFolder.holding(model_dir)
     stored = None
     if run.predictions_file.is_file():
         preds = run.read_predictions(classes)

@@ -75,6 +75,12 @@ class RunFolder:
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 
+    @classmethod
+    def holding(cls, path: str | Path) -> RunFolder:
+        """The run folder of ``path``: a model folder's parent (RUN/model), else ``path`` itself."""
+        path = Path(path)
+        return cls(path.parent if (path / "model.json").is_file() else path)
+
     def figure(self, name: str) -> Path:
         return self.path / name
 

@@ -54,7 +54,7 @@ import torch
 from pneumo.data.cache import decode_images
 from pneumo.decision import parse_threshold_method
 from pneumo.errors import PneumoError
-from pneumo.infer.model_folder import EnsembleModel, LoadedModel, load_model, save_model
+from pneumo.infer.model_folder import EnsembleModel, LoadedModel, load_model, model_folder, save_model
 from pneumo.infer.predict import expand_paths
 from pneumo.model_meta import read_model_meta, write_model_meta
 from pneumo.nets.batchnorm import BN_ADAPT_BATCH_SIZE, adapt_batchnorm, batchnorm_layers
@@ -154,14 +154,6 @@ def resolve_rule(rule: str, threshold_method: str) -> str:
     except PneumoError:
         return "keep"
     return "prior" if kind == "fixed" else "keep"
-
-
-def model_folder(model: str | Path) -> Path:
-    """The model folder of ``model`` (a model folder, or a run folder holding ``model/``), as load_model reads it."""
-    folder = Path(model)
-    if (folder / "model").is_dir() and not (folder / "model.json").exists():
-        folder = folder / "model"
-    return folder
 
 
 def training_prevalence(model: str | Path) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ from pneumo.io_utils import atomic_write
 from pneumo.model_meta import ModelMeta, read_model_meta, write_model_meta
 from pneumo.nets.models import XrayNet, get_backbone
 
-__all__ = ["EnsembleModel", "LoadedModel", "ModelMeta", "load_model", "save_model"]
+__all__ = ["EnsembleModel", "LoadedModel", "ModelMeta", "load_model", "model_folder", "save_model"]
 
 
 def save_model(model: XrayNet, meta: ModelMeta, folder: str | Path) -> Path:
@@ -88,11 +88,17 @@ class EnsembleModel(LoadedModel):
         return np.log(np.clip(mean, 1e-12, None)).astype(np.float32)
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model folder written by ``save_model`` (or a run folder holding ``model/``)."""
-    folder = Path(folder)
+def model_folder(path: str | Path) -> Path:
+    """The model folder ``path`` names: itself, or ``path/model`` when it is a run folder."""
+    folder = Path(path)
     if (folder / "model").is_dir() and not (folder / "model.json").exists():
         folder = folder / "model"
+    return folder
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model folder written by ``save_model`` (or a run folder holding ``model/``)."""
+    folder = model_folder(folder)
     meta_file, weights_file = folder / "model.json", folder / "model.safetensors"
     if meta_file.is_file() and not weights_file.exists():  # an ensemble: members, no weights of its own
         meta = read_model_meta(meta_file)

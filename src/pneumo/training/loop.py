@@ -73,10 +73,10 @@ def train(
             raise PneumoError(
                 f"--resume needs --out RUN_DIR of an earlier run (no config.json in {folder.path if folder else None})"
             )
-        cfg = folder.read_config().validate()
+        cfg = folder.read_config()
         state = folder.load_checkpoint() if folder.has_started() else None
     else:
-        cfg = TrainConfig.from_dict({**options, "data": str(data)}).validate()
+        cfg = TrainConfig.from_dict({**options, "data": str(data)})  # checked as it is made
         folder = RunFolder(new_run_dir(cfg))
         if folder.has_started():
             raise PneumoError(

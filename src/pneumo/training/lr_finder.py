@@ -141,7 +141,7 @@ def lr_find(
     from pneumo.training.phases import build_phase
     from pneumo.training.setup import first_phase_name, prepare_run, timed
 
-    cfg = TrainConfig.from_dict({**options, "data": str(data)}).validate()
+    cfg = TrainConfig.from_dict({**options, "data": str(data)})  # checked as it is made
     out = Path(out or "runs/lr_find")
     out.mkdir(parents=True, exist_ok=True)
     setup = prepare_run(cfg, progress)
