@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile tools/install_browser.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH)
-	$(PIP) install -q --disable-pip-version-check -e ".[test,tensorboard,mlflow]"
+	$(PIP) install -q --disable-pip-version-check -e ".[test,tensorboard,mlflow,dicom,onnx,ray,postgres]"
 	bash tools/install_browser.sh $(VENV) || echo "warning: Chromium not installed; the browser test will be skipped"
 	touch $(STAMP)
 

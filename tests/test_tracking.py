@@ -63,7 +63,7 @@ def test_mlflow_run_holds_params_epoch_metrics_figures_and_the_model(tmp_path, m
 def test_a_missing_extra_is_named_before_any_work(tmp_path, monkeypatch, name, modules):
     for module in modules:
         monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
-    message = rf"--track {name} needs the extra: pip install 'pneumo\[{name}\]'"
+    message = rf"--track {name} needs the optional extra '{name}': pip install 'pneumo\[{name}\]'"
     with pytest.raises(PneumoError, match=message):
         make_trackers([name], tmp_path / "run")
     with pytest.raises(PneumoError, match=message):

@@ -15,7 +15,6 @@ metrics, the training figures and the model folder: never split.json, prediction
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from collections.abc import Iterable
@@ -23,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from pneumo import extras
 from pneumo.errors import PneumoError
 from pneumo.training.events import Callback, Run
 from pneumo.version import __version__
@@ -53,10 +53,7 @@ def make_trackers(names: Iterable[str] | str | None, run_dir: str | Path) -> lis
 
 def require(extra: str, *modules: str) -> ModuleType:
     """Import ``modules`` (the last is returned) or say which extra installs them."""
-    try:
-        return [importlib.import_module(m) for m in modules][-1]
-    except ImportError:
-        raise PneumoError(f"--track {extra} needs the extra: pip install 'pneumo[{extra}]'") from None
+    return extras.require(extra, *modules, what=f"--track {extra}")
 
 
 def valid_metrics(result: Any) -> dict[str, float]:

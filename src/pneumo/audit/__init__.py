@@ -1,0 +1,1 @@
+"""The audit trail: every reading recorded (SQLAlchemy + Alembic), readers' feedback, the summary and drift."""
