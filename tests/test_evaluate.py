@@ -146,10 +146,25 @@ def test_sensitivity_target_is_met_on_random_scores():
     assert ev.binary_metrics(p, y, higher)["sensitivity"] < 0.95
 
 
+def test_specificity_target_is_met_by_the_lowest_such_threshold():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 500)
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    t = ev.choose_threshold(p, y, "specificity:0.95")
+    assert ev.binary_metrics(p, y, t)["specificity"] >= 0.95
+    lower = p[p < t].max()  # the next threshold down already misses the target
+    assert ev.binary_metrics(p, y, lower)["specificity"] < 0.95
+    # a stricter target can only raise the threshold, and costs sensitivity
+    strict = ev.choose_threshold(p, y, "specificity:0.99")
+    assert strict >= t
+    assert ev.binary_metrics(p, y, strict)["sensitivity"] <= ev.binary_metrics(p, y, t)["sensitivity"]
+
+
 @pytest.mark.parametrize(
     "method, expected",
     [
         ("youden", ("youden", None)),
+        ("specificity:0.975", ("specificity", 0.975)),
         (" Sensitivity:0.9 ", ("sensitivity", 0.9)),
         ("fixed:0", ("fixed", 0.0)),
     ],
@@ -168,7 +183,7 @@ def test_unknown_threshold_method_lists_valid_forms(method):
         ev.choose_threshold(P10, Y10, method)
 
 
-@pytest.mark.parametrize("method", ["fixed:1.5", "fixed:x", "sensitivity:0", "sensitivity:abc"])
+@pytest.mark.parametrize("method", ["fixed:1.5", "fixed:x", "sensitivity:0", "sensitivity:abc", "specificity:1.2"])
 def test_out_of_range_threshold_arguments(method):
     with pytest.raises(PneumoError):
         ev.choose_threshold(P10, Y10, method)
@@ -353,3 +368,41 @@ def test_write_evaluation_figures(tmp_path):
     assert set(written) == {"confusion_matrix", "roc", "reliability"}
     for path in written.values():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _two_classes(n_per_class: int, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], n_per_class)
+    return np.clip(rng.normal(0.3 + 0.4 * y, 0.18), 0, 1), y
+
+
+def test_operating_threshold_falls_back_and_says_so_on_few_films():
+    p, y = _two_classes(ev.MIN_THRESHOLD_FILMS_PER_CLASS - 1)
+    choice = ev.operating_threshold(p, y, "youden")
+    assert choice["method"] == ev.FALLBACK_THRESHOLD_RULE and choice["asked"] == "youden"
+    assert choice["threshold"] == 0.5
+    assert f"{ev.MIN_THRESHOLD_FILMS_PER_CLASS - 1} positive" in choice["warning"]
+    # a fixed threshold needs no films, so nothing falls back
+    assert ev.operating_threshold(p, y, "fixed:0.3")["method"] == "fixed:0.3"
+
+
+def test_operating_points_list_every_rule_with_its_interval():
+    p, y = _two_classes(300)
+    choice = ev.operating_threshold(p, y, "specificity:0.95", groups=np.arange(y.size) // 2)
+    assert choice["method"] == "specificity:0.95" and choice["warning"] is None
+    points = choice["operating_points"]
+    assert set(ev.OPERATING_RULES) <= set(points)
+    assert choice["threshold"] == points["specificity:0.95"]["threshold"]
+    assert points["specificity:0.95"]["specificity"] >= 0.95
+    assert points["sensitivity:0.95"]["sensitivity"] >= 0.95
+    for point in points.values():
+        lo, hi = point["interval"]
+        assert 0.0 <= lo <= hi <= 1.0
+
+
+def test_the_threshold_interval_narrows_with_more_films():
+    few, many = _two_classes(50), _two_classes(2000)
+    lo1, hi1 = ev.threshold_interval(*few, "youden")
+    lo2, hi2 = ev.threshold_interval(*many, "youden")
+    assert hi2 - lo2 < hi1 - lo1
+    assert ev.threshold_interval(*many, "fixed:0.5") is None

@@ -2,7 +2,7 @@
 
 A two-class model calls the positive class when p(positive) reaches its stored threshold; any other
 model takes the most probable class. The threshold is chosen on validation by a named rule
-(``youden``, ``sensitivity:0.95``, ``fixed:0.5``), parsed here so that a typo is refused when a
+(``youden``, ``sensitivity:0.95``, ``specificity:0.95``, ``fixed:0.5``), parsed here so that a typo is refused when a
 training run is configured, not after its last epoch.
 """
 
@@ -13,17 +13,18 @@ import numpy as np
 from pneumo.errors import PneumoError
 
 THRESHOLD_METHODS = (
-    "'youden', 'sensitivity:<target in (0,1]>' (e.g. 'sensitivity:0.95') "
-    "or 'fixed:<threshold in [0,1]>' (e.g. 'fixed:0.5')"
+    "'youden', 'sensitivity:<target in (0,1]>' (e.g. 'sensitivity:0.95'), "
+    "'specificity:<target in (0,1]>' (e.g. 'specificity:0.95') or 'fixed:<threshold in [0,1]>' (e.g. 'fixed:0.5')"
 )
+TARGETS = ("sensitivity", "specificity")
 
 
 def parse_threshold_method(method: str) -> tuple[str, float | None]:
-    """``'youden'`` -> (youden, None); ``'sensitivity:0.95'`` / ``'fixed:0.5'`` -> (kind, value)."""
+    """``'youden'`` -> (youden, None); ``'specificity:0.95'`` / ``'fixed:0.5'`` -> (kind, value)."""
     kind, sep, arg = str(method).strip().lower().partition(":")
     if kind == "youden" and not sep:
         return kind, None
-    if kind not in ("sensitivity", "fixed") or not arg:
+    if kind not in (*TARGETS, "fixed") or not arg:
         raise PneumoError(f"unknown threshold method {method!r}: use {THRESHOLD_METHODS}")
     try:
         value = float(arg)
@@ -31,8 +32,8 @@ def parse_threshold_method(method: str) -> tuple[str, float | None]:
         raise PneumoError(f"threshold method {method!r}: {arg!r} is not a number") from None
     if kind == "fixed" and not 0.0 <= value <= 1.0:
         raise PneumoError(f"threshold method {method!r}: the fixed threshold must lie in [0, 1]")
-    if kind == "sensitivity" and not 0.0 < value <= 1.0:
-        raise PneumoError(f"threshold method {method!r}: the target sensitivity must lie in (0, 1]")
+    if kind in TARGETS and not 0.0 < value <= 1.0:
+        raise PneumoError(f"threshold method {method!r}: the target {kind} must lie in (0, 1]")
     return kind, value
 
 

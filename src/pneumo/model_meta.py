@@ -43,6 +43,9 @@ class ModelMeta:
     trained_with: dict = field(default_factory=dict)  # the training config
     members: list[str] = field(default_factory=list)  # an ensemble's member model folders (relative)
     adaptation: dict = field(default_factory=dict)  # `pneumo adapt`: what was re-estimated, on how many films
+    # how the threshold was chosen: its bootstrap interval, a fallback's reason, and the threshold of
+    # every other rule on the same validation films (evaluation.metrics.operating_threshold)
+    operating_points: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ the decision rule
     @property
@@ -94,7 +97,7 @@ class ModelMeta:
             raise bad("hidden", f"must be a whole number in [1, 65536], not {self.hidden!r}")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", f"must lie in [0, 1), not {self.dropout!r}")
-        for name in ("normalisation", "trained_with", "adaptation"):
+        for name in ("normalisation", "trained_with", "adaptation", "operating_points"):
             if not isinstance(getattr(self, name), dict):
                 raise bad(name, "must be an object")
         if not isinstance(self.members, list) or not all(isinstance(m, str) for m in self.members):

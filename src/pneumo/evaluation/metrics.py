@@ -146,7 +146,11 @@ def multiclass_metrics(probs: np.ndarray, labels: np.ndarray, classes: Sequence[
 
 
 def choose_threshold(p_pos: np.ndarray, labels: np.ndarray, method: str, pos: int = 1) -> float:
-    """Operating threshold by rule: ``youden``, ``sensitivity:0.95`` or ``fixed:0.5``."""
+    """Operating threshold by rule: ``youden``, ``sensitivity:0.95``, ``specificity:0.95`` or ``fixed:0.5``.
+
+    A target is met on these predictions by the most lenient threshold that reaches it: for
+    sensitivity the highest threshold, for specificity the lowest.
+    """
     kind, value = parse_threshold_method(method)
     if kind == "fixed":
         return float(value)
@@ -156,7 +160,11 @@ def choose_threshold(p_pos: np.ndarray, labels: np.ndarray, method: str, pos: in
     if kind == "youden":
         fpr, tpr, thr = roc_curve(is_pos, p)
         return float(np.clip(thr[int(np.argmax(tpr - fpr))], 0.0, 1.0))
-    _, tpr, thr = roc_curve(is_pos, p, drop_intermediate=False)
+    fpr, tpr, thr = roc_curve(is_pos, p, drop_intermediate=False)
+    if kind == "specificity":
+        # Thresholds fall and false positives rise along the curve: the last point within the target.
+        within = np.flatnonzero(1.0 - fpr >= value - 1e-12)
+        return float(np.clip(thr[int(within[-1])], 0.0, 1.0))
     # Thresholds fall and sensitivity rises along the curve: the first hit is the highest threshold.
     return float(np.clip(thr[int(np.argmax(tpr >= value - 1e-12))], 0.0, 1.0))
 
@@ -256,6 +264,109 @@ def bootstrap_ci(
             lo, hi = np.percentile(values, [tail, 100.0 - tail])
             out[name] = (float(lo), float(hi))
     return out
+
+
+# ---------------------------------------------------------------- the operating threshold
+
+# Thresholds worth having at hand besides the one in use: a reader can switch without retraining.
+OPERATING_RULES = ("youden", "sensitivity:0.95", "sensitivity:0.99", "specificity:0.95", "specificity:0.975")
+# Fewer validation films than this in either class and a rule's threshold rests on a handful of
+# films (one film moves a 97.5%-specificity cut by a whole step): the threshold falls back to
+# FALLBACK_THRESHOLD_RULE, the calibrated decision, and the run says so.
+MIN_THRESHOLD_FILMS_PER_CLASS = 40
+FALLBACK_THRESHOLD_RULE = "fixed:0.5"
+
+
+def threshold_interval(
+    p_pos: np.ndarray,
+    labels: np.ndarray,
+    method: str,
+    pos: int = 1,
+    groups: np.ndarray | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
+    """Percentile interval of the threshold ``method`` would choose on resampled validation films.
+
+    Whole patients are resampled when ``groups`` is given. How wide it is says how much the
+    threshold is worth: a second validation set like this one would move it that far.
+    """
+    kind, _ = parse_threshold_method(method)
+    if kind == "fixed":
+        return None
+    p, is_pos = _as_binary(p_pos, labels, pos)
+    g = np.arange(p.size) if groups is None else np.unique(np.asarray(groups).ravel(), return_inverse=True)[1]
+    members = [np.flatnonzero(g == u) for u in range(int(g.max()) + 1)] if p.size else []
+    rng = np.random.default_rng(seed)
+    chosen: list[float] = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        if is_pos[idx].all() or not is_pos[idx].any():
+            continue
+        chosen.append(choose_threshold(p[idx], is_pos[idx].astype(int), method, 1))
+    if not chosen:
+        return None
+    tail = 100.0 * (1.0 - level) / 2.0
+    lo, hi = np.percentile(chosen, [tail, 100.0 - tail])
+    return float(lo), float(hi)
+
+
+def operating_threshold(
+    p_pos: np.ndarray, labels: np.ndarray, method: str, pos: int = 1, groups: np.ndarray | None = None
+) -> dict[str, Any]:
+    """The threshold to use by ``method``, its bootstrap interval, and the other operating points.
+
+    Returns ``threshold``, ``method`` (the rule actually used: ``FALLBACK_THRESHOLD_RULE`` when a
+    class has fewer than ``MIN_THRESHOLD_FILMS_PER_CLASS`` validation films), ``asked``, ``interval``,
+    ``warning`` (text or None) and ``operating_points``: for each of ``OPERATING_RULES`` (and
+    ``method``), its threshold, interval, and the validation sensitivity and specificity there.
+    """
+    p, is_pos = _as_binary(p_pos, labels, pos)
+    n_pos, n_neg = int(is_pos.sum()), int((~is_pos).sum())
+    used, warning = method, None
+    if parse_threshold_method(method)[0] != "fixed" and min(n_pos, n_neg) < MIN_THRESHOLD_FILMS_PER_CLASS:
+        used = FALLBACK_THRESHOLD_RULE
+        warning = (
+            f"validation holds {n_pos} positive and {n_neg} negative films, under the {MIN_THRESHOLD_FILMS_PER_CLASS} "
+            f"per class a threshold rule needs: the threshold is {FALLBACK_THRESHOLD_RULE} on calibrated "
+            f"probabilities instead of {method} (validate on more films to choose by rule)"
+        )
+    points: dict[str, dict[str, Any]] = {}
+    if n_pos and n_neg:
+        for rule in dict.fromkeys([*OPERATING_RULES, method]):
+            t = choose_threshold(p, is_pos.astype(int), rule, 1)
+            m = binary_metrics(p, is_pos.astype(int), t, 1)
+            points[rule] = {
+                "threshold": t,
+                "interval": threshold_interval(p, is_pos.astype(int), rule, 1, groups),
+                "sensitivity": m["sensitivity"],
+                "specificity": m["specificity"],
+            }
+    if used in points:
+        threshold, interval = points[used]["threshold"], points[used]["interval"]
+    else:
+        threshold, interval = choose_threshold(p, is_pos.astype(int), used, 1), None
+    if warning is None and interval is not None and interval[1] - interval[0] > 0.25:
+        warning = (
+            f"the threshold {threshold:.3f} ({used}) is uncertain: a validation set like this one could "
+            f"have given anything from {interval[0]:.3f} to {interval[1]:.3f} (95% bootstrap interval)"
+        )
+    return {
+        "threshold": float(threshold),
+        "method": used,
+        "asked": method,
+        "interval": interval,
+        "warning": warning,
+        "n_positive": n_pos,
+        "n_negative": n_neg,
+        "operating_points": points,
+    }
+
+
+def threshold_record(choice: dict[str, Any]) -> dict[str, Any]:
+    """What model.json (``operating_points``) and valid_eval.json keep of an ``operating_threshold`` choice."""
+    return {k: v for k, v in choice.items() if k != "threshold"}
 
 
 # ---------------------------------------------------------------- calibration

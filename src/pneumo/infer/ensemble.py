@@ -17,7 +17,13 @@ import numpy as np
 
 from pneumo.data.folders import reference_prevalence, subtype_of
 from pneumo.errors import PneumoError
-from pneumo.evaluation.metrics import choose_threshold, evaluate_predictions, positive_index, write_evaluation_figures
+from pneumo.evaluation.metrics import (
+    evaluate_predictions,
+    operating_threshold,
+    positive_index,
+    threshold_record,
+    write_evaluation_figures,
+)
 from pneumo.infer.model_folder import load_model
 from pneumo.model_meta import ModelMeta, write_model_meta
 from pneumo.run_folder import RunFolder, ValidPredictions
@@ -59,7 +65,8 @@ def make_ensemble(run_dirs: Sequence[str | Path], out: str | Path, threshold: st
     mean = np.mean(probs, axis=0)
     binary = len(classes) == 2
     pos = positive_index(classes) if binary else None
-    chosen = choose_threshold(mean[:, pos], labels, threshold, pos) if binary else 0.5
+    choice = operating_threshold(mean[:, pos], labels, threshold, pos, np.array(first.patients)) if binary else None
+    chosen = choice["threshold"] if choice else 0.5
     report = evaluate_predictions(
         mean,
         labels,
@@ -70,6 +77,9 @@ def make_ensemble(run_dirs: Sequence[str | Path], out: str | Path, threshold: st
         reweight_to=reference_prevalence(classes) if binary else None,
     )
     report["members"] = [str(r.path) for r in runs]
+    record = threshold_record(choice) if choice else {}
+    if record:
+        report["threshold_choice"] = record
 
     model_dir = out_run.model_dir
     names = [f"{i}-{m.meta.arch}" for i, m in enumerate(members)]
@@ -82,7 +92,8 @@ def make_ensemble(run_dirs: Sequence[str | Path], out: str | Path, threshold: st
         image_size=sizes.pop(),
         threshold=chosen,
         positive_class=classes[pos] if binary else None,
-        threshold_method=threshold,
+        threshold_method=choice["method"] if choice else threshold,
+        operating_points=record,
         members=[f"members/{n}" for n in names],
         trained_with={"members": [m.meta.trained_with for m in members]},
     )

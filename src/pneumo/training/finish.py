@@ -14,11 +14,12 @@ from tqdm.auto import tqdm
 from pneumo.config import TrainConfig
 from pneumo.data.folders import reference_prevalence, subtype_of
 from pneumo.evaluation.metrics import (
-    choose_threshold,
     evaluate_predictions,
     fit_temperature,
+    operating_threshold,
     positive_index,
     softmax,
+    threshold_record,
     write_evaluation_figures,
 )
 from pneumo.infer.model_folder import LoadedModel, ModelMeta, save_model
@@ -67,9 +68,11 @@ def finish_run(
     labels = np.array([s.label for s in data.valid])
     temperature = fit_temperature(logits, labels)
     probs = softmax(logits, temperature)
-    if binary:
-        meta.threshold = choose_threshold(probs[:, pos], labels, cfg.threshold, pos)
-        meta.threshold_method = cfg.threshold
+    patients = np.array([s.patient for s in data.valid])
+    choice = operating_threshold(probs[:, pos], labels, cfg.threshold, pos, patients) if binary else None
+    if choice is not None:
+        meta.threshold, meta.threshold_method = choice["threshold"], choice["method"]
+        meta.operating_points = threshold_record(choice)
     meta.temperature = temperature
     report = evaluate_predictions(
         probs,
@@ -78,10 +81,15 @@ def finish_run(
         meta.operating_threshold,
         logits=logits,
         subtypes=[subtype_of(s.path.name) for s in data.valid],
-        groups=np.array([s.patient for s in data.valid]),
+        groups=patients,
         temperature=temperature,
         reweight_to=reference_prevalence(classes) if binary else None,
     )
+    if choice is not None:
+        report["threshold_choice"] = threshold_record(choice)
+        if choice["warning"]:
+            data.notes.append(choice["warning"])
+            tqdm.write(f"warning: {choice['warning']}", file=sys.stderr)
     report["split"] = cfg.split
     report["n_train"], report["n_valid"] = len(data.train), len(data.valid)
     run.write_evaluation(report)
