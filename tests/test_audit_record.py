@@ -182,7 +182,8 @@ def test_feedback_is_checked_and_appended(model_dir: Path, tmp_path: Path) -> No
 def test_summary_figures_against_readers_and_weekly_drift(model_dir: Path, tmp_path: Path) -> None:
     db = tmp_path / "s.sqlite"
     trail = AuditTrail.open(db, model_dir)
-    # week 1: like validation (half positive, mean 0.5); readers: 4 true positives, 1 missed, 4 true negatives, 1 false alarm
+    # week 1: like validation (half positive, mean 0.5)
+    # readers: 4 true positives, 1 missed, 4 true negatives, 1 false alarm
     week1 = [0.9, 0.8, 0.7, 0.6, 0.3, 0.1, 0.2, 0.3, 0.4, 0.55]
     truth = ["PNEUMONIA"] * 5 + ["NORMAL"] * 4 + ["NORMAL"]
     ids = [trail.record_reading(jpeg_bytes(i), [1 - p, p], 20.0 + i) for i, p in enumerate(week1)]

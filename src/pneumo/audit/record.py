@@ -32,8 +32,9 @@ from pneumo.audit.db import open_database, sqlite_file
 from pneumo.audit.schema import NOTE_MAX_CHARS, AuditedModel, Feedback, Reading
 from pneumo.data.imaging import open_image, to_grey_uint8
 from pneumo.errors import PneumoError
-from pneumo.infer.model_folder import LoadedModel, load_model, model_folder
+from pneumo.infer.model_folder import load_model, model_folder
 from pneumo.io_utils import atomic_write
+from pneumo.model_meta import ModelMeta, read_model_meta
 from pneumo.version import __version__
 
 IMAGES_FOLDER = "audit_images"  # beside the SQLite file: IMAGES_FOLDER/ab/abcdef....png
@@ -122,12 +123,12 @@ class AuditTrail:
     def __init__(
         self,
         engine: Engine,
-        model: LoadedModel,
+        meta: ModelMeta,
         folder: str | Path,
         runtime: str = "torch",
         images: Path | None = None,
     ):
-        self.engine, self.model, self.runtime, self.images = engine, model, runtime, images
+        self.engine, self.meta, self.runtime, self.images = engine, meta, runtime, images
         self.folder = model_folder(folder).resolve()
         self.model_id = model_identity(self.folder)
         self._register_model()
@@ -137,21 +138,24 @@ class AuditTrail:
         cls,
         db: str | Path | None,
         model_dir: str | Path,
-        model: LoadedModel | None = None,
         keep_images: bool = False,
+        runtime: str = "torch",
     ) -> AuditTrail:
-        """The trail of ``model_dir`` in ``db`` (default ``MODEL/audit.sqlite``), migrated to the newest schema."""
+        """The trail of ``model_dir`` in ``db`` (default ``MODEL/audit.sqlite``), migrated to the newest schema.
+
+        Only model.json is read (the decision rule and the classes): the caller loads the network.
+        """
         folder = model_folder(model_dir)
+        meta = read_model_meta(folder / "model.json")
         engine = open_database(db, folder)
-        loaded = model if model is not None else load_model(folder)
         images = images_folder_for(engine, folder) if keep_images else None
-        return cls(engine, loaded, folder, runtime=getattr(loaded, "runtime", "torch"), images=images)
+        return cls(engine, meta, folder, runtime=runtime, images=images)
 
     def close(self) -> None:
         self.engine.dispose()
 
     def _register_model(self) -> None:
-        meta = self.model.meta
+        meta = self.meta
         with Session(self.engine) as session, session.begin():
             known = session.get(AuditedModel, self.model_id)
             if known is None:
@@ -160,7 +164,7 @@ class AuditTrail:
                         id=self.model_id,
                         arch=meta.arch,
                         classes=json.dumps(list(meta.classes)),
-                        positive_class=meta.positive_class if self.model.positive is not None else None,
+                        positive_class=meta.positive_class if meta.positive_index is not None else None,
                         threshold_method=meta.threshold_method,
                         folder=str(self.folder),
                     )
@@ -178,9 +182,9 @@ class AuditTrail:
         kept: bool,
     ) -> Reading:
         probs = np.asarray([probabilities], dtype=np.float64)
-        model = self.model
-        decided = int(model.decide(probs)[0])  # the one decision rule, as the answer was made
-        shown = model.positive if model.positive is not None else decided
+        meta = self.meta
+        decided = int(meta.decide(probs)[0])  # the one decision rule, as the answer was made
+        shown = meta.positive_index if meta.positive_index is not None else decided
         return Reading(
             id=str(uuid.uuid4()),
             model_id=self.model_id,
@@ -192,8 +196,8 @@ class AuditTrail:
             height=facts.height,
             image_format=facts.format,
             probability=float(probs[0, shown]),
-            threshold=model.threshold,
-            decision=model.classes[decided],
+            threshold=meta.operating_threshold,
+            decision=meta.classes[decided],
             in_scope=in_scope,
             latency_ms=float(latency_ms),
             image_kept=kept,
@@ -224,7 +228,7 @@ class AuditTrail:
         readings = []
         for row in good:
             data = Path(row["path"]).read_bytes()
-            probs = [row[f"p_{c}"] for c in self.model.classes]
+            probs = [row[f"p_{c}"] for c in self.meta.classes]
             readings.append(self._reading(image_facts(data), probs, latency, source, row.get("in_scope"), False))
         ids = [r.id for r in readings]
         with Session(self.engine) as session, session.begin():
@@ -291,8 +295,8 @@ def predict_and_record(
     from pneumo.infer.predict import predict_files
 
     folder = model_folder(model)
+    trail = AuditTrail.open(db, folder)  # first: a database that cannot be opened fails before any work
     loaded = load_model(folder)
-    trail = AuditTrail.open(db, folder, loaded)
     try:
         start = time.perf_counter()
         rows = predict_files(loaded, paths, tta=tta, progress=progress)

@@ -20,7 +20,7 @@ from scipy.stats import binom
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from pneumo.audit.db import database_url, open_database, sqlite_file
+from pneumo.audit.db import DEFAULT_NAME, database_url, is_url, open_database, sqlite_file
 from pneumo.audit.record import model_identity
 from pneumo.audit.schema import AuditedModel, Feedback, Reading
 from pneumo.errors import PneumoError
@@ -32,7 +32,9 @@ LIMIT_Z = 1.959964  # 95% two-sided
 
 
 def open_existing(db: str | Path) -> Engine:
-    """The audit database at ``db``; a missing SQLite file is an error here, never created empty."""
+    """The audit database at ``db`` (a model folder means its audit.sqlite); a missing file is an error here."""
+    if not is_url(db) and (Path(db) / DEFAULT_NAME).is_file():
+        db = Path(db) / DEFAULT_NAME
     url = database_url(db)
     path = sqlite_file(url)
     if path is not None and not path.is_file():

@@ -251,7 +251,7 @@ async def record_reading(app: FastAPI, data: bytes, result: dict[str, Any]) -> s
     audit: AuditTrail | None = app.state.audit
     if audit is None:
         return None
-    probs = [result["probabilities"][c] for c in audit.model.classes]
+    probs = [result["probabilities"][c] for c in audit.meta.classes]
     size = (result["image"]["width"], result["image"]["height"])
     try:
         return await asyncio.get_running_loop().run_in_executor(
