@@ -277,8 +277,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         from pneumo.audit.export import export_corrected
 
         result = export_corrected(args.target[1], args.out, images=args.images, include_agreed=args.include_agreed)
+        classes = ", ".join(f"{label} {n}" for label, n in sorted(result["per_class"].items()))
         emit_json(result) if args.json else print(
-            f"{result['exported']} corrected images written to {result['out']} {result['per_class']}"
+            f"{result['exported']} corrected images written to {result['out']}"
+            + (f" ({classes})" if classes else "")
             + "".join(f"\n  {note}" for note in result["notes"])
         )
         return 0
@@ -568,8 +570,17 @@ def build_parser() -> argparse.ArgumentParser:
         "the audit trail: readings per model, decision rates, agreement with readers, sensitivity and "
         "specificity against readers' labels, weekly drift; or 'audit export DB --out FOLDER'",
     )
-    p.add_argument("target", nargs="+", metavar="DB", help="the audit database (path or postgresql:// URL)")
-    p.add_argument("--json", action="store_true")
+    p.usage = (
+        "pneumo audit DB [--json] [--model FOLDER]\n"
+        "       pneumo audit export DB --out FOLDER [--images FOLDER] [--include-agreed] [--json]"
+    )
+    p.add_argument(
+        "target",
+        nargs="+",
+        metavar="DB",
+        help="the audit database: a SQLite file, a model folder or a postgresql:// URL",
+    )
+    p.add_argument("--json", action="store_true", help="print the summary (or what was exported) as JSON")
     p.add_argument(
         "--model", default=None, help="model folder for the drift reference (default: where each model was loaded)"
     )

@@ -454,6 +454,8 @@ def serve(
     import uvicorn
 
     check_access(host, token)
+    if keep_images and not audit:
+        raise PneumoError("--keep-images stores images for the audit trail: it cannot go with --no-audit")
     trail = AuditTrail.open(db, model_dir, keep_images=keep_images) if audit else None
     app = create_app(model_dir, max_upload_mb, inference_workers, queue_limit, audit=trail, token=token)
     # Each inference thread gets its share of the cores: more intra-op threads than cores only spin.
