@@ -294,6 +294,7 @@ def test_token_guards_the_api_and_off_loopback_needs_one(model_dir: Path) -> Non
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
             r = client.get("/api/model", headers=headers)
             assert r.status_code == 401 and "access token" in r.json()["detail"]
+            assert r.headers["x-content-type-options"] == "nosniff"  # the security headers on a refusal too
         assert client.get("/api/model", headers={"authorization": "Bearer s3cret"}).status_code == 200
 
 
@@ -301,3 +302,13 @@ def test_serve_cli_refuses_a_public_host_without_a_token(model_dir: Path, monkey
     monkeypatch.delenv("PNEUMO_TOKEN", raising=False)
     assert main(["serve", str(model_dir), "--host", "0.0.0.0", "--no-audit"]) == 2
     assert "access token" in capsys.readouterr().err
+
+
+def test_a_reading_that_cannot_be_recorded_is_not_answered(model_dir: Path, tmp_path: Path) -> None:
+    trail = AuditTrail.open(tmp_path / "full.sqlite", model_dir)
+    with sqlite3.connect(tmp_path / "full.sqlite") as c:  # the database refuses every new reading
+        c.execute("create trigger refuse before insert on readings begin select raise(abort, 'disk full'); end")
+    with one_torch_thread(), TestClient(create_app(model_dir, audit=trail), raise_server_exceptions=False) as client:
+        r = client.post("/api/predict", files={"file": ("x.jpeg", jpeg_bytes(), "image/jpeg")}, params={"heatmap": "0"})
+    assert r.status_code == 503 and "audit trail" in r.json()["detail"]
+    assert "label" not in r.json()

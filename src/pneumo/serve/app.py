@@ -369,9 +369,9 @@ def create_app(
     )
     app.state.model, app.state.pool = model, pool
     app.add_middleware(BodyLimit, limit=max_bytes + ENVELOPE_BYTES)
-    app.add_middleware(SecurityHeaders)
-    if token:
+    if token:  # outside BodyLimit (no body read without the token), inside SecurityHeaders (a 401 gets them)
         app.add_middleware(TokenGate, token=token)
+    app.add_middleware(SecurityHeaders)
     add_audit_routes(app, audit, token_required=bool(token))
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
