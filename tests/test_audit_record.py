@@ -23,6 +23,7 @@ from pneumo.audit.export import export_corrected
 from pneumo.audit.record import AuditTrail, FeedbackError, UnknownReading, image_facts, model_identity
 from pneumo.audit.summary import format_summary, summarise
 from pneumo.cli import main
+from pneumo.data.folders import discover
 from pneumo.errors import PneumoError
 from pneumo.evaluation.metrics import binary_metrics
 from pneumo.infer.model_folder import ModelMeta, save_model
@@ -254,6 +255,12 @@ def test_export_writes_corrected_images_as_class_folders(model_dir: Path, tmp_pa
     assert Image.open(image).size == (40, 30)
     assert main(["audit", "export", str(db), "--out", str(tmp_path / "all"), "--include-agreed"]) == 0
     assert sorted(p.parent.name for p in (tmp_path / "all").rglob("*.png")) == ["PNEUMONIA", "PNEUMONIA"]
+    trail = AuditTrail.open(db, model_dir, keep_images=True)  # a missed normal film too: both classes
+    trail.record_feedback(trail.record_reading(jpeg_bytes(40), [0.1, 0.9], 1.0), agreed=False)
+    trail.close()
+    export_corrected(db, out)
+    found = discover(out)  # what pneumo train reads
+    assert found.classes == CLASSES and len(found.split(found.splits[0])) == 2
 
 
 def test_serve_returns_the_reading_id_and_takes_feedback(model_dir: Path, tmp_path: Path) -> None:
