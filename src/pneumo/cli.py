@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import Field, fields
@@ -197,7 +198,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from pneumo.infer.predict import predict_files, write_predictions
 
-    rows = predict_files(args.model, args.paths, tta=args.tta, progress=not (args.json or args.csv))
+    progress = not (args.json or args.csv)
+    if args.no_audit:
+        rows = predict_files(args.model, args.paths, tta=args.tta, progress=progress)
+    else:
+        from pneumo.audit.record import predict_and_record
+
+        rows = predict_and_record(args.model, args.paths, db=args.db, tta=args.tta, progress=progress)
     write_predictions(rows, fmt="json" if args.json else "csv" if args.csv else "table", stream=sys.stdout)
     return 1 if rows and all(r.get("error") for r in rows) else 0
 
@@ -254,7 +261,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb,
         inference_workers=args.workers,
         queue_limit=args.queue,
+        db=args.db,
+        audit=not args.no_audit,
+        keep_images=args.keep_images,
+        token=args.token or os.environ.get("PNEUMO_TOKEN") or None,
     )
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """``pneumo audit DB`` (the summary) or ``pneumo audit export DB --out FOLDER``."""
+    if args.target[0] == "export":
+        if len(args.target) != 2 or not args.out:
+            raise PneumoError("usage: pneumo audit export DB --out FOLDER")
+        from pneumo.audit.export import export_corrected
+
+        result = export_corrected(args.target[1], args.out, images=args.images, include_agreed=args.include_agreed)
+        classes = ", ".join(f"{label} {n}" for label, n in sorted(result["per_class"].items()))
+        emit_json(result) if args.json else print(
+            f"{result['exported']} corrected images written to {result['out']}"
+            + (f" ({classes})" if classes else "")
+            + "".join(f"\n  {note}" for note in result["notes"])
+        )
+        return 0
+    if len(args.target) != 1:
+        raise PneumoError("usage: pneumo audit DB [--json] (or pneumo audit export DB --out FOLDER)")
+    from pneumo.audit.summary import format_summary, summarise
+
+    report = summarise(args.target[0], model_dir=args.model)
+    emit_json(report) if args.json else print(format_summary(report))
     return 0
 
 
@@ -355,6 +390,17 @@ def add_adapt_arguments(p: argparse.ArgumentParser, evaluate: bool) -> None:
         action="store_true",
         help=f"{with_adapt}adapt on fewer films than the measured minimum (pneumo.infer.adapt.MIN_ADAPT_FILMS)",
     )
+
+
+def add_audit_arguments(p: argparse.ArgumentParser) -> None:
+    """--db and --no-audit, shared by predict and serve (pneumo.audit records every reading)."""
+    p.add_argument(
+        "--db",
+        default=None,
+        metavar="PATH|URL",
+        help="audit database: a SQLite file or postgresql://user@host/db (default: MODEL/audit.sqlite)",
+    )
+    p.add_argument("--no-audit", action="store_true", help="do not record the readings in the audit database")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -461,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
     p.add_argument("--tta", action="store_true")
+    add_audit_arguments(p)
 
     p = command(
         "ensemble",
@@ -503,6 +550,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=20.0)
     p.add_argument("--workers", type=int, default=2, help="inference threads")
     p.add_argument("--queue", type=int, default=32, help="requests allowed to wait before 503")
+    add_audit_arguments(p)
+    p.add_argument(
+        "--keep-images",
+        action="store_true",
+        help="also store each read image (its pixels as PNG, no metadata) beside the audit database, "
+        "so that readers' corrections can be exported for training (pneumo audit export)",
+    )
+    p.add_argument(
+        "--token",
+        default=None,
+        help="access token the API requires (header 'Authorization: Bearer TOKEN'); default $PNEUMO_TOKEN; "
+        "required when --host is not loopback",
+    )
+
+    p = command(
+        "audit",
+        cmd_audit,
+        "the audit trail: readings per model, decision rates, agreement with readers, sensitivity and "
+        "specificity against readers' labels, weekly drift; or 'audit export DB --out FOLDER'",
+    )
+    p.usage = (
+        "pneumo audit DB [--json] [--model FOLDER]\n"
+        "       pneumo audit export DB --out FOLDER [--images FOLDER] [--include-agreed] [--json]"
+    )
+    p.add_argument(
+        "target",
+        nargs="+",
+        metavar="DB",
+        help="the audit database: a SQLite file, a model folder or a postgresql:// URL",
+    )
+    p.add_argument("--json", action="store_true", help="print the summary (or what was exported) as JSON")
+    p.add_argument(
+        "--model", default=None, help="model folder for the drift reference (default: where each model was loaded)"
+    )
+    p.add_argument("--out", default=None, help="export: folder for the class folders that pneumo train takes")
+    p.add_argument("--images", default=None, help="export: the kept images (default: audit_images beside DB)")
+    p.add_argument(
+        "--include-agreed", action="store_true", help="export: also the images readers confirmed, not only corrected"
+    )
 
     p = command("compare", cmd_compare, "does transfer learning pay? pretrained vs scratch over data sizes")
     p.add_argument("data")

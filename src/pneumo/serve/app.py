@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import html
 import io
 import logging
@@ -25,11 +26,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import Body, FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from pydantic import BaseModel, Field
 
+from pneumo.audit.record import AuditTrail, FeedbackError, UnknownReading
+from pneumo.audit.schema import NOTE_MAX_CHARS
 from pneumo.data.imaging import MAX_PIXELS, open_image, prepare, to_grey_uint8
 from pneumo.errors import ImageError, PneumoError
 from pneumo.infer.explain import DEFAULT_CMAP, gradcam_heatmap
@@ -196,6 +200,119 @@ def read_xray(model: LoadedModel, data: bytes, name: str, heatmap: bool, max_pix
     return result
 
 
+# ------------------------------------------------------------------ access and the audit trail
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+OPEN_API_PATHS = {"/api/access"}  # the page asks here whether it needs a token
+
+
+class TokenGate:
+    """ASGI middleware: every /api/ route (but /api/access) needs ``Authorization: Bearer TOKEN``."""
+
+    def __init__(self, app: Any, token: str):
+        self.app, self.expected = app, f"Bearer {token}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/api/") or path in OPEN_API_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        detail = "this server needs an access token: send the header 'Authorization: Bearer TOKEN'"
+        await JSONResponse({"detail": detail}, status_code=401, headers={"www-authenticate": "Bearer"})(
+            scope, receive, send
+        )
+
+
+def check_access(host: str, token: str | None) -> None:
+    """Loopback needs nothing; any other address is refused without a token."""
+    if host not in LOOPBACK and not token:
+        raise PneumoError(
+            f"--host {host} lets anyone who can reach this address read images: give an access token "
+            "with --token or the PNEUMO_TOKEN environment variable"
+        )
+
+
+class FeedbackIn(BaseModel):
+    """A reader's verdict on one reading (the ``reading_id`` that /api/predict returned)."""
+
+    reading_id: str = Field(min_length=1, max_length=36)
+    agreed: bool
+    true_label: str | None = Field(default=None, max_length=64)
+    note: str | None = Field(default=None, max_length=NOTE_MAX_CHARS, description="no patient identifiers")
+
+
+async def record_reading(app: FastAPI, data: bytes, result: dict[str, Any]) -> str | None:
+    """Commit the reading to the audit trail before answering (None with --no-audit).
+
+    Written on the audit thread, so the event loop and the inference threads never wait on the disk.
+    A reading that cannot be recorded is not answered: the trail must hold every answer given.
+    """
+    audit: AuditTrail | None = app.state.audit
+    if audit is None:
+        return None
+    probs = [result["probabilities"][c] for c in audit.meta.classes]
+    size = (result["image"]["width"], result["image"]["height"])
+    try:
+        return await asyncio.get_running_loop().run_in_executor(
+            app.state.audit_writer,
+            lambda: audit.record_reading(
+                data, probs, result["elapsed_ms"], "serve", size=size, in_scope=result.get("in_scope")
+            ),
+        )
+    except Exception as exc:  # noqa: BLE001 - a full disk or a lost database: refuse rather than answer unrecorded
+        log.error("audit trail: cannot record a reading: %s: %s", type(exc).__name__, exc)
+        raise HTTPException(503, "the reading could not be recorded in the audit trail; retry shortly") from None
+
+
+def add_audit_routes(app: FastAPI, audit: AuditTrail | None, token_required: bool) -> None:
+    """/api/access (what the page must tell the reader) and, with an audit trail, /api/feedback."""
+    app.state.audit = audit
+    app.state.audit_writer = ThreadPoolExecutor(1, thread_name_prefix="pneumo-audit") if audit else None
+
+    @app.get("/api/access", summary="whether a token is needed, whether readings are recorded and images kept")
+    async def access() -> dict[str, Any]:
+        return {
+            "token_required": token_required,
+            "audit": audit is not None,
+            "keep_images": audit is not None and audit.images is not None,
+        }
+
+    if audit is None:
+        return
+
+    @app.post(
+        "/api/feedback",
+        summary="a reader's verdict on a reading: agreed or not, the true label, a short note",
+        responses={404: {"description": "no such reading"}, 422: {"description": "feedback that cannot be stored"}},
+    )
+    async def feedback(item: FeedbackIn = Body(...)) -> dict[str, Any]:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                app.state.audit_writer,
+                lambda: audit.record_feedback(item.reading_id, item.agreed, item.true_label, item.note),
+            )
+        except UnknownReading as exc:
+            raise HTTPException(404, str(exc)) from None
+        except FeedbackError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+
+def audit_banner(trail: AuditTrail | None) -> str:
+    if trail is None:
+        return "pneumo: audit trail off (--no-audit): readings are not recorded"
+    kept = f"; images kept in {trail.images}" if trail.images else ""
+    return f"pneumo: recording every reading in {trail.engine.url.render_as_string()}{kept}"
+
+
+def close_audit(app: FastAPI) -> None:
+    """On shutdown: let queued writes finish, then release the database."""
+    if app.state.audit_writer is not None:
+        app.state.audit_writer.shutdown(wait=True)
+    if app.state.audit is not None:
+        app.state.audit.close()
+
+
 def docs_page(app: FastAPI) -> str:
     """A CDN-free stand-in for Swagger UI: each route, its summary and a link to the schema."""
     rows = []
@@ -221,8 +338,14 @@ def create_app(
     inference_workers: int = 2,
     queue_limit: int = 32,
     max_pixels: int = MAX_PIXELS,
+    audit: AuditTrail | None = None,
+    token: str | None = None,
 ) -> FastAPI:
-    """The FastAPI app for one model folder (loaded once, shared by the inference threads)."""
+    """The FastAPI app for one model folder (loaded once, shared by the inference threads).
+
+    ``audit`` records every reading and takes readers' feedback (``add_audit_routes``); with ``token``
+    every /api/ route but /api/access needs ``Authorization: Bearer TOKEN`` (``TokenGate``).
+    """
     if not max_upload_mb > 0:
         raise PneumoError(f"--max-upload-mb must be positive, got {max_upload_mb}")
     model = load_model(model_dir)
@@ -233,6 +356,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         pool.executor.shutdown(wait=False, cancel_futures=True)
+        close_audit(app)
 
     app = FastAPI(
         title="pneumo",
@@ -245,7 +369,10 @@ def create_app(
     )
     app.state.model, app.state.pool = model, pool
     app.add_middleware(BodyLimit, limit=max_bytes + ENVELOPE_BYTES)
+    if token:  # outside BodyLimit (no body read without the token), inside SecurityHeaders (a 401 gets them)
+        app.add_middleware(TokenGate, token=token)
     app.add_middleware(SecurityHeaders)
+    add_audit_routes(app, audit, token_required=bool(token))
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -300,7 +427,9 @@ def create_app(
         if sniff_image_type(data) is None:
             raise HTTPException(415, f"{name}: not a JPEG or PNG (the file starts with {data[:8]!r})")
         check_pixel_count(data, name, max_pixels)
-        return await pool.run(read_xray, model, data, name, heatmap, max_pixels)
+        result = await pool.run(read_xray, model, data, name, heatmap, max_pixels)
+        result["reading_id"] = await record_reading(app, data, result)
+        return result
 
     return app
 
@@ -312,19 +441,32 @@ def serve(
     max_upload_mb: float = 20.0,
     inference_workers: int = 2,
     queue_limit: int = 32,
+    db: str | Path | None = None,
+    audit: bool = True,
+    keep_images: bool = False,
+    token: str | None = None,
 ) -> None:
-    """Run the app with uvicorn; loopback only unless ``host`` says otherwise."""
+    """Run the app with uvicorn; loopback only unless ``host`` says otherwise (then with a token).
+
+    Every reading is recorded in the audit database (``db``, default MODEL/audit.sqlite) unless ``audit``
+    is False; ``keep_images`` also stores corrected-to-be images for ``pneumo audit export``.
+    """
     import uvicorn
 
-    app = create_app(model_dir, max_upload_mb, inference_workers, queue_limit)
+    check_access(host, token)
+    if keep_images and not audit:
+        raise PneumoError("--keep-images stores images for the audit trail: it cannot go with --no-audit")
+    trail = AuditTrail.open(db, model_dir, keep_images=keep_images) if audit else None
+    app = create_app(model_dir, max_upload_mb, inference_workers, queue_limit, audit=trail, token=token)
     # Each inference thread gets its share of the cores: more intra-op threads than cores only spin.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cores // inference_workers))
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving on %s: anyone who can reach this address can upload images", host)
+    if host not in LOOPBACK:
+        log.warning("serving on %s: API calls need the access token", host)
     print(
         f"pneumo: reading X-rays at http://{'[' + host + ']' if ':' in host else host}:{port}/ "
         f"(model {app.state.model.meta.arch}, Ctrl+C to stop)",
         flush=True,
     )
+    print(audit_banner(trail), flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)

@@ -50,6 +50,7 @@ function show(result) {
     fig.hidden = true;
   }
   $("result").hidden = false;
+  showFeedback(result);
 }
 
 async function upload(file) {
@@ -87,3 +88,105 @@ drop.addEventListener("keydown", (e) => {
   if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file").click(); }
 });
 loadModelInfo();
+
+// ------------------------------------------------------------------ access token and readers' feedback
+// With `pneumo serve --host ... --token` every /api/ call needs the token. It is kept for this tab only
+// (sessionStorage) and added here to same-origin /api/ requests, so the reading code above stays as it is.
+const nativeFetch = window.fetch.bind(window);
+window.fetch = (resource, init = {}) => {
+  const token = sessionStorage.getItem("pneumo-token");
+  const url = new URL(typeof resource === "string" ? resource : resource.url, location.href);
+  if (token && url.origin === location.origin && url.pathname.startsWith("/api/")) {
+    const headers = new Headers(init.headers || {});
+    headers.set("Authorization", `Bearer ${token}`);
+    init = { ...init, headers };
+  }
+  return nativeFetch(resource, init).then((r) => {
+    if (r.status === 401) $("access").hidden = false; // no token yet, or a wrong one
+    return r;
+  });
+};
+
+async function loadAccess() {
+  try {
+    const a = await (await nativeFetch("/api/access")).json();
+    const haveToken = Boolean(sessionStorage.getItem("pneumo-token"));
+    $("access").hidden = !a.token_required || haveToken;
+    if (a.token_required && haveToken) loadModelInfo(); // the first call went out before the token was added
+    const notes = [];
+    if (a.audit) notes.push("Every reading is recorded in this server's audit trail (the image's hash and the result; no file name).");
+    if (a.keep_images) {
+      $("drop-help").textContent = "The image is sent only to this server, which keeps its pixels (no file name) for retraining.";
+    }
+    $("audit-note").textContent = notes.join(" ");
+    $("audit-note").hidden = notes.length === 0;
+  } catch (e) {
+    $("audit-note").hidden = true;
+  }
+}
+
+$("access-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  sessionStorage.setItem("pneumo-token", $("access-token").value.trim());
+  $("access-token").value = "";
+  $("access").hidden = true;
+  loadModelInfo();
+});
+
+let feedbackFor = null; // the result the reader is judging
+
+function setVerdict(agreed) {
+  $("feedback-agree").setAttribute("aria-pressed", String(agreed));
+  $("feedback-disagree").setAttribute("aria-pressed", String(!agreed));
+  const labels = Object.keys(feedbackFor.probabilities);
+  if (agreed) $("feedback-label").value = feedbackFor.label;
+  else if (labels.length === 2) $("feedback-label").value = labels.find((c) => c !== feedbackFor.label);
+  $("feedback-send").disabled = false;
+}
+
+function showFeedback(result) {
+  feedbackFor = result;
+  $("feedback").hidden = !result.reading_id;
+  if (!result.reading_id) return;
+  const select = $("feedback-label");
+  select.replaceChildren(...Object.keys(result.probabilities).map((c) => new Option(c, c)));
+  select.value = result.label;
+  $("feedback-note").value = "";
+  $("feedback-status").textContent = "";
+  $("feedback-agree").setAttribute("aria-pressed", "false");
+  $("feedback-disagree").setAttribute("aria-pressed", "false");
+  $("feedback-send").disabled = true;
+}
+
+async function sendFeedback() {
+  const agreed = $("feedback-agree").getAttribute("aria-pressed") === "true";
+  const body = {
+    reading_id: feedbackFor.reading_id,
+    agreed: agreed,
+    true_label: $("feedback-label").value,
+    note: $("feedback-note").value.trim() || null,
+  };
+  try {
+    const r = await fetch("/api/feedback", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+    const answer = await r.json().catch(() => ({}));
+    if (!r.ok) {
+      const detail = typeof answer.detail === "string" ? answer.detail : JSON.stringify(answer.detail || answer);
+      $("feedback-status").textContent = `Not recorded (${r.status}): ${detail}`;
+      return;
+    }
+    $("feedback-status").textContent = `Recorded: ${agreed ? "agreed" : "disagreed"}, true label ${answer.true_label}.`;
+    $("feedback-send").disabled = true;
+  } catch (e) {
+    $("feedback-status").textContent = `Not recorded: ${e}`;
+  }
+}
+
+$("feedback-agree").addEventListener("click", () => setVerdict(true));
+$("feedback-disagree").addEventListener("click", () => setVerdict(false));
+$("feedback-label").addEventListener("change", () => {
+  setVerdict($("feedback-label").value === feedbackFor.label);
+});
+$("feedback-send").addEventListener("click", sendFeedback);
+loadAccess();
