@@ -142,7 +142,10 @@ def measure_shift(model_dir: str | Path, out: Path, films: Path | None = None) -
     """bench/shift.py on the model's held-out films (or ``films``): per shift figures and their summary."""
     argv = [str(model_dir), "--out", str(out), "--limit", str(SHIFT_FILMS), "--shifts", SELECTION_SHIFTS]
     argv += ["--no-progress"] + (["--films", str(films), "--fullres", "auto"] if films else ["--fullres", "none"])
-    report = run_shift(shift_args(argv))
+    args = shift_args(argv)
+    done = out / "shift.json"  # a rerun with --workdir reuses a measurement of the same model and films
+    same = done.exists() and json.loads(done.read_text()).get("model") == str(model_dir)
+    report = json.loads(done.read_text()) if same and not films else run_shift(args)
     rows = report["shifts"]
     bal = [r["metrics"]["balanced_accuracy"] for r in rows.values()]
     spec = [r["metrics"]["specificity"] for r in rows.values()]
