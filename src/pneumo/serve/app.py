@@ -219,7 +219,7 @@ def add_audit_routes(app: FastAPI, audit: AuditTrail | None, token_required: boo
     @app.post(
         "/api/feedback",
         summary="a reader's verdict on a reading: agreed or not, the true label, a short note",
-        responses=errors({404: "no such reading", 422: "feedback that cannot be stored"}),
+        responses=errors({400: "the body is not JSON", 404: "no such reading", 422: "feedback that cannot be stored"}),
     )
     async def feedback(item: FeedbackIn = Body(...)) -> dict[str, Any]:
         try:
