@@ -11,6 +11,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 from fastapi import HTTPException
@@ -20,7 +21,8 @@ from PIL import Image
 from conftest import one_torch_thread  # noqa: E402
 from pneumo.data.imaging import prepare
 from pneumo.infer.model_folder import load_model
-from pneumo.serve.app import InferencePool, create_app
+from pneumo.serve.app import create_app
+from pneumo.serve.limits import InferencePool
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "sample_data" / "chest_xray"
 STATIC = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "serve" / "static"
@@ -190,3 +192,52 @@ def test_pool_answers_503_when_the_queue_is_full() -> None:
         return [refused.value.status_code, pool.active, *done]
 
     assert asyncio.run(scenario()) == [503, 0, True, True]
+
+
+def declared_schema(openapi: dict, path: str, method: str, status: int) -> dict:
+    """The JSON schema the OpenAPI document declares for one answer, with its components to resolve refs."""
+    responses = openapi["paths"][path][method]["responses"]
+    assert str(status) in responses, f"{method.upper()} {path} does not declare {status}: {sorted(responses)}"
+    return {**responses[str(status)]["content"]["application/json"]["schema"], "components": openapi["components"]}
+
+
+def test_every_answer_is_one_the_schema_declares(client: TestClient) -> None:
+    """Real answers (a reading, each refusal) against the schema: what schemathesis cannot generate."""
+    openapi = client.get("/openapi.json").json()
+    answers = [
+        ("/api/predict", post(client, xray_bytes("JPEG"))),
+        ("/api/predict", post(client, xray_bytes("PNG"), "x.png", "image/png", heatmap="false")),
+        ("/api/predict", post(client, b"\xff\xd8\xff" + bytes(int(1.2 * 2**20)), "big.jpeg")),  # 413
+        ("/api/predict", post(client, png_claiming(20000, 20000), "bomb.png", "image/png")),  # 413
+        ("/api/predict", post(client, b"notes", "n.jpeg")),  # 415
+        ("/api/predict", post(client, b"", "empty.png", "image/png")),  # 422
+        ("/api/predict", client.post("/api/predict")),  # 422: no file field
+        ("/api/predict", post(client, xray_bytes("JPEG"), heatmap="perhaps")),  # 422: bad query
+        (
+            "/api/predict",
+            client.post(
+                "/api/predict", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data; boundary=x"}
+            ),
+        ),
+        ("/api/model", client.get("/api/model")),
+        ("/health", client.get("/health")),
+    ]
+    method = {"/api/predict": "post", "/api/model": "get", "/health": "get"}
+    seen = set()
+    for path, r in answers:
+        jsonschema.validate(r.json(), declared_schema(openapi, path, method[path], r.status_code))
+        if r.status_code >= 400:
+            assert isinstance(r.json()["detail"], str) and r.json()["detail"], r.text
+        seen.add(r.status_code)
+    assert seen >= {200, 413, 415, 422}, seen
+    assert "file: Field required" in client.post("/api/predict").json()["detail"]
+    body = openapi["components"]["schemas"]["Body_predict_api_predict_post"]["properties"]["file"]
+    assert body["minLength"] == 1  # an empty upload is outside the contract, as the server says
+    encoding = openapi["paths"]["/api/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["encoding"]
+    assert encoding["file"]["contentType"] == "image/jpeg, image/png"
+
+
+def test_page_says_it_needs_javascript_instead_of_loading_forever(client: TestClient) -> None:
+    page = client.get("/").text
+    assert "<noscript>" in page and "needs JavaScript" in page
+    assert "Loading" not in page  # the script says it is loading, once it runs

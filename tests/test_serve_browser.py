@@ -114,3 +114,18 @@ def test_page_reads_an_uploaded_xray(server: str, tmp_path: Path) -> None:
     assert outside == [], f"the page fetched from outside the server: {outside}"
     assert not [e for e in console_errors if "415" not in e], console_errors
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_page_without_javascript_says_it_needs_it(server: str) -> None:
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(java_script_enabled=False)
+            page.goto(server + "/")
+            notice = page.locator("#needs-script")
+            sync_api.expect(notice).to_be_visible()
+            sync_api.expect(notice).to_contain_text("needs JavaScript")
+            assert page.locator("#drop").is_hidden()  # a file picker that could send nothing
+            assert "Loading" not in page.inner_text("body")
+        finally:
+            browser.close()

@@ -253,6 +253,7 @@ def cmd_interpret(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from pneumo.serve.app import serve
+    from pneumo.serve.server import ConnectionLimits
 
     serve(
         args.model,
@@ -265,6 +266,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         audit=not args.no_audit,
         keep_images=args.keep_images,
         token=args.token or os.environ.get("PNEUMO_TOKEN") or None,
+        max_pixels=int(args.max_megapixels * 1e6),
+        pixel_budget=int(args.pixel_budget_megapixels * 1e6),
+        limits=ConnectionLimits(
+            header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, max_connections=args.max_connections
+        ),
     )
     return 0
 
@@ -550,6 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=20.0)
     p.add_argument("--workers", type=int, default=2, help="inference threads")
     p.add_argument("--queue", type=int, default=32, help="requests allowed to wait before 503")
+    p.add_argument("--max-megapixels", type=float, default=36.0, help="larger images are refused (413)")
+    p.add_argument(
+        "--pixel-budget-megapixels", type=float, default=72.0, help="decoded at once across workers; past it, 503"
+    )
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's headers")
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds for a request's body (then 408)")
+    p.add_argument("--max-connections", type=int, default=100, help="past it the longest-idle one is closed")
     add_audit_arguments(p)
     p.add_argument(
         "--keep-images",

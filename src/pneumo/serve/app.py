@@ -1,17 +1,21 @@
 """The web app: one page to read an X-ray, and the JSON API behind it.
 
-Uploads are untrusted. Every bad input gets a 4xx naming the problem, never a 500: a body larger
-than the cap is cut off while it arrives (413), anything that is not a JPEG or PNG by its first
-bytes is refused (415), a decompression bomb (413) and a corrupt or truncated image (422) are
-caught by ``imaging.open_image``. Decoding and inference run in a small thread pool; when more
-than ``queue_limit`` requests already wait for it, new ones get a quick 503 instead of piling up
-in memory. Nothing on the page or in /docs loads from a CDN, so it works offline.
+Uploads are untrusted. Every bad input gets a 4xx naming the problem, never a 500, and every
+answer is one the OpenAPI schema declares (``schemas``): a body larger than the cap is cut off
+while it arrives (413) or that arrives too slowly is cut off too (408), anything that is not a
+JPEG or PNG by its first bytes is refused (415), an image whose header claims too many pixels
+(413) or that is corrupt or truncated (422) never reaches the model. Decoding and inference run
+in a small thread pool, within a budget of decoded pixels; when the queue or the budget is full,
+new requests get a quick 503 instead of piling up in memory (``limits``). The server around the
+app (``server``) puts deadlines on every connection. Nothing on the page or in /docs loads from
+a CDN, so it works offline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import html
 import io
@@ -26,7 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import Body, FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import Body, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -34,17 +39,28 @@ from pydantic import BaseModel, Field
 
 from pneumo.audit.record import AuditTrail, FeedbackError, UnknownReading
 from pneumo.audit.schema import NOTE_MAX_CHARS
-from pneumo.data.imaging import MAX_PIXELS, open_image, prepare, to_grey_uint8
+from pneumo.data.imaging import open_image, prepare, to_grey_uint8
 from pneumo.errors import ImageError, PneumoError
 from pneumo.infer.explain import DEFAULT_CMAP, gradcam_heatmap
 from pneumo.infer.model_folder import LoadedModel, load_model
 from pneumo.plots import overlay_heatmap_array
+from pneumo.serve.limits import (
+    ENVELOPE_BYTES,
+    PIXEL_BUDGET,
+    SERVE_MAX_PIXELS,
+    BodyLimit,
+    BodyTimeout,
+    InferencePool,
+    PixelBudget,
+    header_pixels,
+)
+from pneumo.serve.schemas import AUTH_ERRORS, UPLOAD_ERRORS, UPLOAD_OPENAPI, Health, ModelInfo, Reading, errors
+from pneumo.serve.server import ConnectionLimits, connection_cap, log_repeats_once, uvicorn_config
 from pneumo.version import __version__
 
 STATIC = Path(__file__).parent / "static"
 MAGIC = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG\r\n\x1a\n": "image/png"}
 ACCEPTED_TYPES = {"", "application/octet-stream"}  # plus any image/*; the first bytes decide
-ENVELOPE_BYTES = 64 * 1024  # multipart boundaries and headers around the file itself
 HEATMAP_MAX_SIDE = 800  # the page needs no more; keeps the JSON small for 3000 px radiographs
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
@@ -53,37 +69,6 @@ SECURITY_HEADERS = {
     "referrer-policy": "no-referrer",
 }
 log = logging.getLogger("pneumo.serve.app")
-
-
-class BodyLimit:
-    """ASGI middleware: 413 as soon as a request body passes ``limit`` bytes (declared or streamed)."""
-
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            return await self._too_large(scope, receive, send)
-        seen = 0
-
-        async def limited_receive() -> dict:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:  # FastAPI re-raises HTTPException from body parsing as it is
-                raise HTTPException(413, self._message())
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-    def _message(self) -> str:
-        return f"upload too large: the limit is {(self.limit - ENVELOPE_BYTES) / 2**20:.1f} MB"
-
-    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
-        await JSONResponse({"detail": self._message()}, status_code=413)(scope, receive, send)
 
 
 class SecurityHeaders:
@@ -106,58 +91,8 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-class InferencePool:
-    """A fixed number of inference threads and a bounded number of requests allowed to wait."""
-
-    def __init__(self, workers: int, queue_limit: int):
-        if workers < 1 or queue_limit < 0:
-            raise PneumoError(
-                f"need at least 1 inference worker and a queue limit >= 0 (got {workers} and {queue_limit})"
-            )
-        self.workers, self.queue_limit = workers, queue_limit
-        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="pneumo-infer")
-        self.active = 0  # running + waiting; touched only on the event loop thread
-
-    @property
-    def waiting(self) -> int:
-        return max(0, self.active - self.workers)
-
-    async def run(self, fn: Any, *args: Any) -> Any:
-        if self.active >= self.workers + self.queue_limit:
-            raise HTTPException(
-                503,
-                f"server busy: {self.waiting} requests already waiting; retry shortly",
-                headers={"retry-after": "1"},
-            )
-        self.active += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-        finally:
-            self.active -= 1
-
-
 def sniff_image_type(data: bytes) -> str | None:
     return next((kind for magic, kind in MAGIC.items() if data.startswith(magic)), None)
-
-
-def check_pixel_count(data: bytes, name: str, max_pixels: int) -> None:
-    """Refuse a decompression bomb from its header alone, before it takes an inference slot.
-
-    Only the header is parsed here (cheap); any other problem is left to the full decode in the pool.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-    except Image.DecompressionBombError as exc:
-        raise HTTPException(413, f"{name}: refusing a possible decompression bomb: {exc}") from None
-    except Exception:  # noqa: BLE001 - reported precisely by open_image on the pool thread
-        return
-    if width * height > max_pixels:
-        raise HTTPException(
-            413,
-            f"{name}: image too large ({width}x{height} pixels; limit {max_pixels:,}): "
-            f"refusing a possible decompression bomb",
-        )
 
 
 def png_base64(rgb: np.ndarray) -> str:
@@ -284,7 +219,7 @@ def add_audit_routes(app: FastAPI, audit: AuditTrail | None, token_required: boo
     @app.post(
         "/api/feedback",
         summary="a reader's verdict on a reading: agreed or not, the true label, a short note",
-        responses={404: {"description": "no such reading"}, 422: {"description": "feedback that cannot be stored"}},
+        responses=errors({400: "the body is not JSON", 404: "no such reading", 422: "feedback that cannot be stored"}),
     )
     async def feedback(item: FeedbackIn = Body(...)) -> dict[str, Any]:
         try:
@@ -332,12 +267,23 @@ def docs_page(app: FastAPI) -> str:
     )
 
 
+def validation_error_body(exc: RequestValidationError) -> dict[str, str]:
+    """FastAPI's list of validation errors as the one error body every route declares."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ())[1:]) or "request"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return {"detail": "; ".join(parts) or "invalid request"}
+
+
 def create_app(
     model_dir: str | Path,
     max_upload_mb: float = 20.0,
     inference_workers: int = 2,
     queue_limit: int = 32,
-    max_pixels: int = MAX_PIXELS,
+    max_pixels: int = SERVE_MAX_PIXELS,
+    pixel_budget: int = PIXEL_BUDGET,
+    body_timeout_s: float = ConnectionLimits.body_timeout_s,
     audit: AuditTrail | None = None,
     token: str | None = None,
 ) -> FastAPI:
@@ -348,8 +294,11 @@ def create_app(
     """
     if not max_upload_mb > 0:
         raise PneumoError(f"--max-upload-mb must be positive, got {max_upload_mb}")
-    model = load_model(model_dir)
+    if not body_timeout_s > 0:
+        raise PneumoError(f"--body-timeout must be positive, got {body_timeout_s}")
+    budget = PixelBudget(pixel_budget, max_pixels)  # options first: a bad one fails before the model loads
     pool = InferencePool(inference_workers, queue_limit)
+    model = load_model(model_dir)
     max_bytes = int(max_upload_mb * 2**20)
 
     @asynccontextmanager
@@ -365,14 +314,20 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         description="Read a chest X-ray: label, probability, the decision threshold and a Grad-CAM "
-        "heatmap. A research tool, not a medical device.",
+        'heatmap. A research tool, not a medical device. Every error answers {"detail": "..."}.',
     )
-    app.state.model, app.state.pool = model, pool
+    app.state.model, app.state.pool, app.state.budget = model, pool, budget
     app.add_middleware(BodyLimit, limit=max_bytes + ENVELOPE_BYTES)
+    app.add_middleware(BodyTimeout, seconds=body_timeout_s)
     if token:  # outside BodyLimit (no body read without the token), inside SecurityHeaders (a 401 gets them)
         app.add_middleware(TokenGate, token=token)
     app.add_middleware(SecurityHeaders)
     add_audit_routes(app, audit, token_required=bool(token))
+    auth = AUTH_ERRORS if token else {}
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(validation_error_body(exc), status_code=422)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -384,7 +339,7 @@ def create_app(
     async def docs() -> HTMLResponse:
         return HTMLResponse(docs_page(app))
 
-    @app.get("/health", summary="liveness and queue state")
+    @app.get("/health", summary="liveness, queue and pixel budget", response_model=Health)
     async def health() -> dict[str, Any]:
         return {
             "status": "ok",
@@ -393,9 +348,11 @@ def create_app(
             "active": pool.active,
             "waiting": pool.waiting,
             "queue_limit": pool.queue_limit,
+            "pixels_in_use": budget.in_use,
+            "pixel_budget": budget.pixels,
         }
 
-    @app.get("/api/model", summary="what the model reads and how it decides")
+    @app.get("/api/model", summary="what the model reads and how it decides", response_model=ModelInfo, responses=auth)
     async def model_info() -> dict[str, Any]:
         return {
             "arch": model.meta.arch,
@@ -406,13 +363,24 @@ def create_app(
             "threshold_method": model.meta.threshold_method,
             "temperature": model.meta.temperature,
             "max_upload_mb": max_upload_mb,
+            "max_image_pixels": max_pixels,
             "accepted": sorted(set(MAGIC.values())),
             "pneumo_version": model.meta.pneumo_version,
         }
 
-    @app.post("/api/predict", summary="label, probability, threshold and Grad-CAM heatmap for one image")
+    @app.post(
+        "/api/predict",
+        summary="label, probability, threshold and Grad-CAM heatmap for one image",
+        response_model=Reading,
+        responses={**UPLOAD_ERRORS, **auth},
+        openapi_extra=UPLOAD_OPENAPI,
+    )
     async def predict(
-        file: UploadFile = File(..., description="a JPEG or PNG chest X-ray"),
+        file: UploadFile = File(
+            ...,
+            description=f"a JPEG or PNG chest X-ray, not empty, at most {max_upload_mb:g} MB and {max_pixels:,} pixels",
+            json_schema_extra={"minLength": 1},
+        ),
         heatmap: bool = Query(True, description="include a Grad-CAM overlay as base64 PNG"),
     ) -> dict[str, Any]:
         name = file.filename or "upload"
@@ -426,8 +394,8 @@ def create_app(
             raise HTTPException(422, f"{name}: empty file (0 bytes)")
         if sniff_image_type(data) is None:
             raise HTTPException(415, f"{name}: not a JPEG or PNG (the file starts with {data[:8]!r})")
-        check_pixel_count(data, name, max_pixels)
-        result = await pool.run(read_xray, model, data, name, heatmap, max_pixels)
+        pixels = header_pixels(data, name, max_pixels)
+        result = await pool.run(budget.spend, pixels, read_xray, model, data, name, heatmap, max_pixels)
         result["reading_id"] = await record_reading(app, data, result)
         return result
 
@@ -445,28 +413,49 @@ def serve(
     audit: bool = True,
     keep_images: bool = False,
     token: str | None = None,
+    max_pixels: int = SERVE_MAX_PIXELS,
+    pixel_budget: int = PIXEL_BUDGET,
+    limits: ConnectionLimits | None = None,
 ) -> None:
     """Run the app with uvicorn; loopback only unless ``host`` says otherwise (then with a token).
 
     Every reading is recorded in the audit database (``db``, default MODEL/audit.sqlite) unless ``audit``
     is False; ``keep_images`` also stores corrected-to-be images for ``pneumo audit export``.
+    ``limits`` bounds every connection (``server.ConnectionLimits``).
     """
     import uvicorn
 
     check_access(host, token)
     if keep_images and not audit:
         raise PneumoError("--keep-images stores images for the audit trail: it cannot go with --no-audit")
+    limits = limits or ConnectionLimits()
     trail = AuditTrail.open(db, model_dir, keep_images=keep_images) if audit else None
-    app = create_app(model_dir, max_upload_mb, inference_workers, queue_limit, audit=trail, token=token)
+    app = create_app(
+        model_dir,
+        max_upload_mb,
+        inference_workers,
+        queue_limit,
+        max_pixels,
+        pixel_budget,
+        limits.body_timeout_s,
+        audit=trail,
+        token=token,
+    )
+    # Each queued upload may hold a spooled temporary file: leave descriptors for them.
+    limits = dataclasses.replace(
+        limits, max_connections=connection_cap(limits.max_connections, inference_workers + queue_limit)
+    )
     # Each inference thread gets its share of the cores: more intra-op threads than cores only spin.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cores // inference_workers))
     if host not in LOOPBACK:
         log.warning("serving on %s: API calls need the access token", host)
+    config = uvicorn_config(app, host, port, limits)
+    log_repeats_once()  # after uvicorn has configured its loggers
     print(
         f"pneumo: reading X-rays at http://{'[' + host + ']' if ':' in host else host}:{port}/ "
-        f"(model {app.state.model.meta.arch}, Ctrl+C to stop)",
+        f"(model {app.state.model.meta.arch}, up to {limits.max_connections} connections, Ctrl+C to stop)",
         flush=True,
     )
     print(audit_banner(trail), flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+    uvicorn.Server(config).run()

@@ -10,6 +10,7 @@ function setStatus(text, isError) {
 }
 
 async function loadModelInfo() {
+  $("model-info").textContent = "Loading model details\u2026";
   try {
     const r = await fetch("/api/model");
     const m = await r.json();
@@ -87,6 +88,7 @@ drop.addEventListener("drop", (e) => upload(e.dataTransfer.files[0]));
 drop.addEventListener("keydown", (e) => {
   if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file").click(); }
 });
+$("drop").hidden = false;
 loadModelInfo();
 
 // ------------------------------------------------------------------ access token and readers' feedback
