@@ -109,6 +109,7 @@ def test_wide_integer_and_float_images_become_finite_grey(mode, size, seed, kind
 @given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=4))
 @example(values=[float("nan"), 1.0])
 @example(values=[float("inf"), 2.0, float("-inf")])
+@example(values=[-3e38, 1e-45])  # a huge negative over a subnormal maximum: overflowed in float32
 def test_float_images_with_nan_or_infinity_still_give_finite_films(values):
     arr = np.resize(np.asarray(values, dtype=np.float32), (MIN_SIDE, MIN_SIDE + 3))
     with warnings.catch_warnings():

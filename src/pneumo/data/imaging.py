@@ -74,11 +74,11 @@ def to_grey_uint8(img: Image.Image) -> np.ndarray:
     scaled by their own maximum rather than by 65535.
     """
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
+        arr = np.asarray(img, dtype=np.float64)  # float64: any float32 pixel over the maximum stays finite
         arr = np.where(np.isfinite(arr), arr, 0.0)  # a NaN or infinite pixel (float exports) carries nothing
         top = float(arr.max())
-        arr = arr / top * 255.0 if top > 0 else arr
-        return np.clip(arr + 0.5, 0, 255).astype(np.uint8)
+        arr = np.clip(arr / top, 0.0, 1.0) * 255.0 if top > 0 else np.zeros_like(arr)
+        return (arr + 0.5).astype(np.uint8)
     if img.mode == "LA" or img.mode == "RGBA" or img.mode == "P":
         img = img.convert("RGB")
     if img.mode != "L":
