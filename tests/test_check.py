@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from conftest import kermany_names
 from pneumo.cli import main
@@ -204,3 +208,63 @@ def test_class_with_only_unreadable_images_is_an_error(tmp_path: Path, make_tree
     assert report["errors"] == [
         f"{root / 'PNEUMONIA'}: none of its 2 images can be read; training would see no PNEUMONIA"
     ]
+
+
+def test_a_lone_class_folder_is_reported_as_one_class(tmp_path: Path, make_tree):
+    root = make_tree(tmp_path / "d", {"NORMAL": kermany_names("NORMAL", 3, 1)})
+    errors = check_dataset(root, progress=False)["errors"]
+    assert len(errors) == 1 and "only one class (NORMAL)" in errors[0]
+
+
+def test_symlinks_other_formats_and_tiny_images_are_findings(tmp_path: Path, make_tree):
+    root = make_tree(tmp_path / "d", {"NORMAL": kermany_names("NORMAL", 2, 1), "PNEUMONIA": kermany_names("P", 2, 1)})
+    normal = root / "NORMAL"
+    (normal / "loop_a.jpeg").symlink_to("loop_b.jpeg")
+    (normal / "loop_b.jpeg").symlink_to("loop_a.jpeg")
+    (normal / "broken.jpeg").symlink_to("gone.jpeg")
+    Image.new("L", (40, 40)).save(normal / "film.gif")
+    Image.new("L", (40, 40)).save(normal / "film.tif")
+    Image.new("L", (1, 1)).save(normal / "IM-0900-0001.png")
+    Image.new("L", (40, 40)).save(normal / "IM-0901-0001.jpeg", format="GIF")  # a GIF named .jpeg
+    report = check_dataset(root, progress=False)
+    skipped = {item["path"]: item["reason"] for item in report["skipped"]}
+    assert set(skipped) == {
+        f"NORMAL/{n}" for n in ("loop_a.jpeg", "loop_b.jpeg", "broken.jpeg", "film.gif", "film.tif")
+    }
+    assert "symlink loop" in skipped["NORMAL/loop_a.jpeg"] and "broken symlink" in skipped["NORMAL/broken.jpeg"]
+    assert "GIF file; pneumo reads JPEG and PNG only, so it is skipped" in skipped["NORMAL/film.gif"]
+    unreadable = {item["path"]: item["reason"] for item in report["unreadable"]}
+    assert unreadable == {
+        "NORMAL/IM-0900-0001.png": "image too small (1x1 pixels; at least 8 a side)",
+        "NORMAL/IM-0901-0001.jpeg": "a GIF image; pneumo reads JPEG and PNG only (convert it to PNG)",
+    }
+    assert report["errors"] == []  # each class still has readable images
+    text = format_check(report)
+    for needle in [*skipped, *unreadable, "symlink loop", "image too small"]:
+        assert needle in text
+
+
+def _non_utf8_tree(root: Path, make_tree) -> Path:
+    make_tree(root, {"NORMAL": kermany_names("NORMAL", 3, 1), "PNEUMONIA": kermany_names("PNEUMONIA", 3, 1)})
+    normal = os.fsencode(root / "NORMAL")
+    os.rename(normal + b"/IM-0100-0001.jpeg", normal + b"/latin1_\xe9\xff.jpeg")
+    (root / "NORMAL" / os.fsdecode(b"broken_\xe9.jpeg")).write_bytes(b"\xff\xd8\xff\xe0 not a film")
+    return root
+
+
+def test_names_that_are_not_utf8_print_on_a_strict_terminal_and_in_json(tmp_path: Path, make_tree):
+    root = _non_utf8_tree(tmp_path / "d", make_tree)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "PYTHONPATH": os.pathsep.join(sys.path)}
+    text = subprocess.run(
+        [sys.executable, "-m", "pneumo", "data", "check", str(root)], capture_output=True, env=env, check=False
+    )
+    assert text.returncode == 0, text.stderr.decode(errors="replace")
+    out = text.stdout.decode("utf-8")  # strict: valid UTF-8 throughout
+    assert "NORMAL/broken_\\xe9.jpeg" in out and "Traceback" not in text.stderr.decode(errors="replace")
+    as_json = subprocess.run(
+        [sys.executable, "-m", "pneumo", "data", "check", str(root), "--json"], capture_output=True, env=env, check=True
+    )
+    report = json.loads(as_json.stdout.decode("utf-8"))
+    assert report["unreadable"][0]["path"] == "NORMAL/broken_\\xe9.jpeg"
+    assert "\\ud" not in as_json.stdout.decode("utf-8")  # no lone surrogates, which strict JSON readers refuse
+    assert report["totals"]["images"] == 7

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import KAGGLE_TREE, kermany_names
-from pneumo.data.cache import cache_key, decode_images
+from pneumo.data.cache import cache_key, decode_images, duplicate_groups, file_digests
 from pneumo.data.folders import (
     MIN_USABLE_VALID,
     Sample,
@@ -21,11 +21,12 @@ from pneumo.data.folders import (
     make_split,
     patient_rule,
     patients_in_both,
+    printable,
     split_by_patient,
     split_random,
     subtype_of,
 )
-from pneumo.data.imaging import open_image, prepare
+from pneumo.data.imaging import MIN_SIDE, open_image, prepare
 from pneumo.errors import DataError, ImageError
 
 
@@ -121,6 +122,45 @@ def test_discover_bad_roots_raise_data_error(tmp_path: Path, setup, message):
         discover(root)
 
 
+def test_a_flat_folder_of_images_says_where_the_class_folders_should_be(tmp_path: Path, write_image):
+    for i in range(3):
+        write_image(tmp_path / "flat" / f"IM-{i:04d}-0001.jpeg")
+    root = tmp_path / "flat"
+    with pytest.raises(DataError) as info:
+        discover(root)
+    assert str(info.value) == (
+        f"found images directly in {root} but no class folders; expected {root}/NORMAL, {root}/PNEUMONIA"
+    )
+
+
+def test_a_lone_class_folder_is_one_class_not_a_wrapper(tmp_path: Path, make_tree):
+    """root/NORMAL/*.jpeg is a data set of one class (which check and train refuse by name), not a
+    wrapper around a flat folder: it used to be descended into and reported as 'no class folders'."""
+    root = make_tree(tmp_path / "d", {"NORMAL": kermany_names("NORMAL", 3, 1)})
+    data = discover(root)
+    assert data.root == root and data.classes == ["NORMAL"] and len(data.samples) == 3
+
+
+def test_symlink_problems_and_other_formats_are_skipped_and_named(tmp_path: Path, make_tree, write_image):
+    root = make_tree(tmp_path / "d", {"NORMAL": ["IM-0001-0001.jpeg"], "PNEUMONIA": ["person1_virus_1.jpeg"]})
+    normal = root / "NORMAL"
+    (normal / "loop_a.jpeg").symlink_to("loop_b.jpeg")
+    (normal / "loop_b.jpeg").symlink_to("loop_a.jpeg")
+    (normal / "broken.png").symlink_to("gone.png")
+    (normal / "elsewhere").symlink_to(root / "PNEUMONIA")
+    Image.new("L", (40, 40)).save(normal / "film.gif")
+    Image.new("L", (40, 40)).save(normal / "film.tiff")
+    data = discover(root)
+    assert [s.path.name for s in data.samples] == ["IM-0001-0001.jpeg", "person1_virus_1.jpeg"]
+    reasons = {p.name: why for p, why in data.skipped}
+    assert reasons["loop_a.jpeg"].startswith("symlink loop") and reasons["loop_b.jpeg"].startswith("symlink loop")
+    assert reasons["broken.png"].startswith("broken symlink")
+    assert reasons["elsewhere"].startswith("symlinked folder, not followed")
+    assert "GIF file; pneumo reads JPEG and PNG only" in reasons["film.gif"]
+    assert "TIFF file" in reasons["film.tiff"]
+    assert len(reasons) == 6
+
+
 # ---------------------------------------------------------------------------------------------
 # patients
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +243,37 @@ def test_split_by_patient_honours_extra_groups():
         split_by_patient(samples, 1.5)
 
 
+def test_patients_joined_by_a_shared_file_are_dealt_whole():
+    """Two patients with three films each share one byte-identical file: all six films, not just the
+    two copies, must land on one side, or the patient split leaks those patients."""
+    samples = [Sample(Path(f"p{p}_{k}.jpeg"), p % 2, "train", f"p{p}") for p in range(30) for k in range(3)]
+    groups = {Path("p0_0.jpeg"): "copy", Path("p1_2.jpeg"): "copy"}
+    for seed in range(12):
+        train, valid = split_by_patient(samples, 0.3, seed=seed, groups=groups)
+        assert not patients_in_both(train, valid)
+        assert {s.patient for s in valid} >= {"p0", "p1"} or not {s.patient for s in valid} & {"p0", "p1"}
+    joined = [split_by_patient(samples, 0.3, seed=seed, groups=groups) for seed in range(12)]
+    assert any("p0" in {s.patient for s in valid} for _, valid in joined)  # the joined pair does get dealt
+
+
+def test_duplicate_groups_are_found_by_content_and_cached_without_names(tmp_path: Path, write_image, monkeypatch):
+    a = write_image(tmp_path / "a" / "IM-0001-0001.jpeg")
+    b = tmp_path / "b" / "person7_virus_9.jpeg"
+    b.parent.mkdir()
+    b.write_bytes(a.read_bytes())
+    c = write_image(tmp_path / "a" / "IM-0002-0001.jpeg")
+    cache = tmp_path / "cache"
+    assert duplicate_groups([a, b, c], cache_dir=cache, progress=False) == {
+        a: file_digests([a], cache)[0],
+        b: file_digests([b], cache)[0],
+    }
+    stored = list(cache.glob("digests-*.json"))
+    assert stored and not any(name in f.read_text() for f in stored for name in ("IM-0001", "person7"))
+    calls = []
+    monkeypatch.setattr(Path, "read_bytes", lambda self: calls.append(self) or b"")
+    assert len(duplicate_groups([a, b, c], cache_dir=cache, progress=False)) == 2 and not calls  # from the cache
+
+
 # ---------------------------------------------------------------------------------------------
 # the val folder
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +340,10 @@ def test_rgb_x_ray_equals_its_grey_version(tmp_path: Path, write_image):
         (lambda p: p.write_bytes(b""), "empty file"),
         (lambda p: p.write_text("this is a text file, not an X-ray\n"), "not an image"),
         ("truncate", "truncated"),
+        (lambda p: Image.new("L", (1, 1)).save(p, format="PNG"), rf"image too small \(1x1 pixels; at least {MIN_SIDE}"),
+        (lambda p: Image.new("L", (40, MIN_SIDE - 1)).save(p, format="PNG"), "image too small"),
+        (lambda p: Image.new("L", (40, 40)).save(p, format="GIF"), "a GIF image; pneumo reads JPEG and PNG only"),
+        (lambda p: Image.new("I;16", (40, 40)).save(p, format="TIFF"), "a TIFF image"),
     ],
 )
 def test_open_image_names_the_problem(tmp_path: Path, write_image, make, reason):
@@ -281,6 +356,53 @@ def test_open_image_names_the_problem(tmp_path: Path, write_image, make, reason)
     with pytest.raises(ImageError, match=reason) as info:
         open_image(path)
     assert info.value.path == str(path) and str(path) in str(info.value)
+
+
+def _film(size: tuple[int, int] = (48, 32)) -> Image.Image:
+    """An asymmetric grey film: any rotation or mirror of it differs from it."""
+    w, h = size
+    arr = (np.add.outer(np.arange(h) * 3, np.arange(w) ** 1.5) % 256).astype(np.uint8)
+    arr[: h // 4, : w // 5] = 255  # a bright marker in the top left corner
+    return Image.fromarray(arr, mode="L")
+
+
+@pytest.mark.parametrize(
+    "orientation, stored_as",
+    [
+        (3, Image.Transpose.ROTATE_180),
+        (6, Image.Transpose.ROTATE_90),
+        (8, Image.Transpose.ROTATE_270),
+        (2, Image.Transpose.FLIP_LEFT_RIGHT),
+    ],
+)
+def test_exif_orientation_gives_the_upright_film(tmp_path: Path, orientation, stored_as):
+    """A camera stores the pixels as the sensor saw them and the turn in the EXIF tag: the film must
+    reach the model upright, the same pixels as the film saved upright."""
+    upright = _film()
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    upright.transpose(stored_as).save(tmp_path / "tagged.png", exif=exif)
+    with Image.open(tmp_path / "tagged.png") as raw:
+        assert raw.size != upright.size or np.asarray(raw).tolist() != np.asarray(upright).tolist()
+    assert np.array_equal(np.asarray(open_image(tmp_path / "tagged.png")), np.asarray(upright))
+    tagged_bytes = (tmp_path / "tagged.png").read_bytes()
+    for source in (tmp_path / "tagged.png", tagged_bytes):
+        assert np.array_equal(prepare(source, 32), prepare(tmp_path / "upright.png", 32))
+
+
+def test_names_that_are_not_utf8_are_read_and_printed_safely(tmp_path: Path, write_image):
+    folder = write_image(tmp_path / "IM-0001-0001.jpeg").parent
+    raw = os.fsencode(folder) + b"/latin1_\xe9\xff.jpeg"
+    os.rename(os.fsencode(folder / "IM-0001-0001.jpeg"), raw)
+    path = Path(os.fsdecode(raw))
+    assert cache_key([path], 16)  # was a UnicodeEncodeError: the key encoded the path as strict UTF-8
+    out = decode_images([path], 16, cache_dir=tmp_path / "cache", progress=False)
+    assert out.ok.all() and np.asarray(out.pixels).any()
+    assert decode_images([path], 16, cache_dir=tmp_path / "cache", progress=False).from_cache
+    shown = printable(path)
+    assert shown.endswith("latin1_\\xe9\\xff.jpeg") and shown.encode("utf-8")  # strict UTF-8 takes it
+    assert printable("NORMAL/é.jpeg") == "NORMAL/é.jpeg"  # valid names are left alone
 
 
 # ---------------------------------------------------------------------------------------------

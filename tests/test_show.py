@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -103,3 +104,33 @@ def test_cli_on_the_bundled_sample(sample_root: Path, tmp_path: Path, capsys):
     assert str(out) in capsys.readouterr().out
     width, height = _png(out)
     assert 0.8 < width / height < 1.3  # a 2 x 2 grid
+
+
+def test_an_unwritable_out_is_named_before_any_decoding(flat_root: Path, tmp_path: Path, drawn, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PneumoError, match=f"{blocker} is a file, not a folder"):
+        show_batch(flat_root, blocker / "grid.png", rows=2, image_size=16)
+    assert drawn["paths"] == []  # refused before any image was read
+    assert main(["show-batch", str(flat_root), "--out", str(blocker / "sub" / "grid.png")]) == 2
+    assert "cannot write the picture there" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_out_folder_is_named(flat_root: Path, tmp_path: Path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(PneumoError, match="cannot write the picture there"):
+            show_batch(flat_root, folder / "grid.png", rows=2, image_size=16)
+    finally:
+        folder.chmod(0o755)
+
+
+def test_names_that_are_not_utf8_are_drawn(tmp_path: Path, make_tree, drawn):
+    root = make_tree(tmp_path / "xrays", {"NORMAL": ["a.png"], "PNEUMONIA": ["b.png"]}, values=VALUES)
+    os.rename(os.fsencode(root / "NORMAL" / "a.png"), os.fsencode(root / "NORMAL") + b"/latin1_\xe9\xff.png")
+    show_batch(root, tmp_path / "out.png", rows=2, image_size=16, augment=False)
+    assert sorted(drawn["titles"]) == ["NORMAL", "PNEUMONIA"]
+    assert _png(tmp_path / "out.png")

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from pneumo.config import TrainConfig
+from pneumo.data.folders import printable
 from pneumo.errors import PneumoError, TrainingError
 from pneumo.io_utils import atomic_write, atomic_write_json, atomic_write_text
 from pneumo.model_meta import ModelMeta, read_model_meta
@@ -88,6 +89,24 @@ class RunFolder:
         """A run was started here (it has a checkpoint): a new run must not overwrite it."""
         return self.checkpoint_file.exists()
 
+    def make(self) -> list[Path]:
+        """Create the folder (and missing parents); return the folders this call created, outermost first."""
+        created = [p for p in [*reversed(self.path.parents), self.path] if not p.exists()]
+        self.path.mkdir(parents=True, exist_ok=True)
+        return created
+
+    def discard_unstarted(self, created: list[Path]) -> None:
+        """Undo a run refused before its first epoch: its config.json, then the folders it created if
+        empty. What the folder held before the run is never touched."""
+        if self.has_started():
+            return
+        self.config_file.unlink(missing_ok=True)
+        for folder in reversed(created):
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                return
+
     # ------------------------------------------------------------------ config.json
     def write_config(self, cfg: TrainConfig) -> None:
         values = cfg.to_dict()
@@ -106,8 +125,8 @@ class RunFolder:
                 "method": split.method,
                 "classes": split.classes,
                 "notes": split.notes,
-                "train": split.train,
-                "valid": split.valid,
+                "train": [printable(p) for p in split.train],  # a name that is not UTF-8 as \xe9: valid JSON
+                "valid": [printable(p) for p in split.valid],
             },
         )
 
@@ -148,7 +167,9 @@ class RunFolder:
         writer = csv.writer(out)
         writer.writerow(["path", "label", "patient"] + [f"prob_{c}" for c in preds.classes])
         for path, label, patient, p in zip(preds.paths, preds.labels, preds.patients, preds.probs):
-            writer.writerow([path, preds.classes[int(label)], patient] + [repr(float(v)) for v in p])
+            writer.writerow(
+                [printable(path), preds.classes[int(label)], printable(patient)] + [repr(float(v)) for v in p]
+            )
         atomic_write_text(self.predictions_file, out.getvalue())
 
     def read_predictions(self, classes: list[str] | None = None) -> ValidPredictions:

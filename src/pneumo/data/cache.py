@@ -3,6 +3,9 @@
 The cache key covers the file list, each file's size and modification time, the image size and the
 preprocessing version, so an edited or added file makes a new cache and nothing stale is ever read.
 Later epochs and later runs read one memory-mapped array instead of decoding JPEGs again.
+
+The same key guards each file's content hash (``file_digests``): byte-identical copies under
+different names are found once and kept on one side of a patient split (``duplicate_groups``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +27,7 @@ from pneumo.data.imaging import prepare
 from pneumo.errors import ImageError
 from pneumo.io_utils import atomic_write_json
 
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: EXIF orientation applied, images under imaging.MIN_SIDE refused
 
 
 def default_cache_dir() -> Path:
@@ -57,8 +61,66 @@ def cache_key(paths: Sequence[Path], size: int) -> str:
             stamp = f"{st.st_size}|{st.st_mtime_ns}"
         except OSError:
             stamp = "missing"
-        digest.update(f"\n{os.path.abspath(p)}|{stamp}".encode())
+        # bytes as the file system holds them: a name that is not valid UTF-8 is still a key
+        digest.update(b"\n" + os.fsencode(os.path.abspath(p)) + f"|{stamp}".encode())
     return digest.hexdigest()[:24]
+
+
+def content_digest(data: bytes) -> str:
+    """The content hash of a file's bytes: equal for byte-identical files, whatever their names."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _digest_file(path: Path) -> str | None:
+    try:
+        return content_digest(path.read_bytes())
+    except OSError:
+        return None  # an unreadable file is nobody's duplicate; decoding reports it
+
+
+def file_digests(paths: Sequence[Path], cache_dir: Path | None = None, progress: bool = True) -> list[str | None]:
+    """The content hash of every file (None where it cannot be read), cached under the decode cache's key.
+
+    The cache file holds the hashes in the order of ``paths`` and no file names.
+    """
+    paths = [Path(p) for p in paths]
+    cache_file = (Path(cache_dir) if cache_dir else default_cache_dir()) / f"digests-{cache_key(paths, 0)}.json"
+    use_disk = shared_cache_enabled()
+    if use_disk and cache_file.exists():
+        try:
+            cached = json.loads(cache_file.read_text())["digests"]
+            if isinstance(cached, list) and len(cached) == len(paths):
+                return cached
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged cache file is rebuilt
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        digests = list(
+            tqdm(
+                pool.map(_digest_file, paths, chunksize=32),
+                total=len(paths),
+                desc="hashing files",
+                unit="file",
+                disable=not progress,
+                leave=False,
+            )
+        )
+    if use_disk:
+        try:
+            atomic_write_json(cache_file, {"digests": digests})
+        except OSError:
+            pass  # costs a re-hash next time, never this run
+    return digests
+
+
+def duplicate_groups(paths: Sequence[Path], cache_dir: Path | None = None, progress: bool = True) -> dict[Path, str]:
+    """File -> content hash, for the files that have a byte-identical copy among ``paths``.
+
+    What ``folders.split_by_patient`` takes as ``groups``: the patients of copies are dealt together.
+    """
+    paths = [Path(p) for p in paths]
+    digests = file_digests(paths, cache_dir, progress)
+    seen = Counter(d for d in digests if d is not None)
+    return {p: d for p, d in zip(paths, digests) if d is not None and seen[d] > 1}
 
 
 def _decode_one(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:

@@ -3,12 +3,14 @@
 Every file is read once: its bytes are hashed (exact duplicates), its header gives size and mode,
 and it is decoded in full, since a truncated JPEG opens fine and only fails when its pixels are read.
 Problems that would corrupt training (a class missing from a split, an empty class folder, no images)
-are ``errors``; things a user should know before trusting a number are ``warnings``.
+are ``errors``; things a user should know before trusting a number are ``warnings``. The errors that
+need no decoding (``structure_errors``) are also what ``pneumo train`` refuses before any work
+(``require_trainable``): the rule has one owner. File names are reported as ``folders.printable``
+spells them, so a name that is not valid UTF-8 prints on any terminal and stays valid JSON.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from collections import Counter, defaultdict
@@ -20,7 +22,8 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pneumo.data.folders import MIN_USABLE_VALID, SPLIT_ALIASES, ChestXrayFolder, discover, subtype_of
+from pneumo.data.cache import content_digest
+from pneumo.data.folders import MIN_USABLE_VALID, SPLIT_ALIASES, ChestXrayFolder, discover, printable, subtype_of
 from pneumo.data.folders import patient_rule as resolve_patient_rule
 from pneumo.data.imaging import open_image
 from pneumo.errors import DataError, ImageError
@@ -67,7 +70,7 @@ def inspect_file(path: Path) -> FileFacts:
         facts.problem = f"cannot read the file ({exc.strerror or exc})"
         return facts
     facts.n_bytes = len(data)
-    facts.digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    facts.digest = content_digest(data)
     try:
         with Image.open(io.BytesIO(data)) as img:
             facts.width, facts.height, facts.mode = img.width, img.height, img.mode
@@ -97,7 +100,10 @@ def _split_folder(data: ChestXrayFolder, split: str) -> Path:
     return data.root / split
 
 
-def _missing_class_errors(data: ChestXrayFolder, counts: dict[str, dict[str, int]]) -> list[str]:
+def structure_errors(data: ChestXrayFolder) -> list[str]:
+    """What makes a data set unusable for training, seen without reading a pixel: one class, an empty
+    class folder, a class missing from a split."""
+    counts = data.counts()
     errors = []
     empty = set(data.empty_classes)
     for split, folder in ((s, _split_folder(data, s)) for s in data.splits):
@@ -200,6 +206,10 @@ def _warnings(data: ChestXrayFolder, report: dict[str, Any]) -> list[str]:
         )
     if len(report["unreadable"]) > LISTED:
         warnings.append(f"... and {len(report['unreadable']) - LISTED} more unreadable files (see --json)")
+    for item in report["skipped"][:LISTED]:
+        warnings.append(f"not used: {item['path']}: {item['reason']}")
+    if len(report["skipped"]) > LISTED:
+        warnings.append(f"... and {len(report['skipped']) - LISTED} more files not used (see --json)")
     groups = report["duplicates"]
     if groups:
         extra = sum(len(g["files"]) - 1 for g in groups)
@@ -265,6 +275,7 @@ def check_dataset(path: str | Path, patient_rule: str = "kermany", progress: boo
         "subtypes": {},
         "sizes": _size_summary([]),
         "unreadable": [],
+        "skipped": [],
         "duplicates": [],
         "patients_across_splits": [],
         "patient_rule": patient_rule,
@@ -275,11 +286,34 @@ def check_dataset(path: str | Path, patient_rule: str = "kermany", progress: boo
         data = discover(path, rule)
     except DataError as exc:
         report["errors"].append(str(exc))
-        return report
+        return _printable(report)
     except OSError as exc:  # a folder we may not list: say which, never a traceback
         report["errors"].append(f"{exc.filename or path}: cannot read the folder ({exc.strerror or exc})")
-        return report
+        return _printable(report)
+    _fill_report(report, data, progress)
+    return _printable(report)
 
+
+def require_trainable(data: ChestXrayFolder) -> None:
+    """Raise DataError, before any work, for a data set ``pneumo data check`` fails on its structure."""
+    errors = structure_errors(data)
+    if errors:
+        raise DataError(printable(f"cannot train on {data.root} (`pneumo data check` fails it): " + "; ".join(errors)))
+
+
+def _printable(obj: Any) -> Any:
+    """Every string of the report as ``folders.printable`` spells it (keys too)."""
+    if isinstance(obj, str):
+        return printable(obj)
+    if isinstance(obj, dict):
+        return {_printable(k): _printable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_printable(v) for v in obj]
+    return obj
+
+
+def _fill_report(report: dict[str, Any], data: ChestXrayFolder, progress: bool) -> None:
+    """Everything the report says about a data set that was found: counts, then what reading each file told."""
     counts = data.counts()
     report.update(root=str(data.root), layout=data.layout, classes=list(data.classes), counts=counts)
     report["totals"] = {
@@ -313,9 +347,9 @@ def check_dataset(path: str | Path, patient_rule: str = "kermany", progress: boo
     ]
     report["duplicates"] = _duplicate_groups(data, facts)
     report["patients_across_splits"] = _patients_across_splits(data)
-    report["errors"] = _missing_class_errors(data, counts) + _unreadable_class_errors(data, report["unreadable"])
+    report["skipped"] = [{"path": _relative(data, p), "reason": why} for p, why in data.skipped]
+    report["errors"] = structure_errors(data) + _unreadable_class_errors(data, report["unreadable"])
     report["warnings"] = _warnings(data, report)
-    return report
 
 
 def format_check(report: dict[str, Any]) -> str:
@@ -355,6 +389,9 @@ def format_check(report: dict[str, Any]) -> str:
             ]
         lines.append(f"unreadable files: {len(report['unreadable'])}")
         for item in report["unreadable"][: 3 * LISTED]:
+            lines.append(f"  {item['path']}: {item['reason']}")
+        lines.append(f"not used (symlink problems, formats pneumo does not read): {len(report['skipped'])}")
+        for item in report["skipped"][: 3 * LISTED]:
             lines.append(f"  {item['path']}: {item['reason']}")
         lines.append(f"duplicate groups (byte-identical): {len(report['duplicates'])}")
         for g in report["duplicates"][:LISTED]:

@@ -8,6 +8,8 @@ on both sides of a train/validation split.
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import re
 from collections import Counter, defaultdict
@@ -28,11 +30,28 @@ SPLIT_ALIASES = {
     "testing": "test",
 }
 IGNORED_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db"}
+# image formats pneumo does not read: skipped by every folder walk (train, evaluate, predict) and named by
+# `data check`; open_image refuses them too, as serve does, so no command reads them where another would not
+UNREAD_FORMATS = {".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP", ".webp": "WebP"}
 MIN_USABLE_VALID = 100  # fewer validation images than this cannot rank models (Kaggle's val has 16)
 KERMANY_CLASSES = ["NORMAL", "PNEUMONIA"]
 KERMANY_TEST_PREVALENCE = 390 / 624  # the official test split: 390 pneumonia, 234 normal films (train: 0.74)
 
 PatientRule = Callable[[str], str]
+
+
+def printable(name: str | os.PathLike[str]) -> str:
+    """A file name as text any terminal, JSON reader or CSV reader accepts.
+
+    A name that is not valid UTF-8 reaches Python with its stray bytes as lone surrogates, which a
+    strict UTF-8 stream refuses; here they are spelled ``\\xe9``, so the name stays recognisable.
+    """
+    text = os.fspath(name)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file system produced: keep it visible too
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def kermany_patient_id(filename: str) -> str:
@@ -108,6 +127,7 @@ class ChestXrayFolder:
     samples: list[Sample]
     layout: str  # "kaggle" (split folders) or "classes" (class folders only)
     empty_classes: list[tuple[str, str]] = field(default_factory=list)  # (split, class) with no image
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, why) inside class folders, not used
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -146,12 +166,37 @@ def is_image_file(path: Path) -> bool:
     )
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+def skip_reason(path: Path) -> str | None:
+    """Why an entry in a class folder that is not an image pneumo reads deserves a mention, else None.
+
+    Folder walks do not follow symlinked folders (``Path.rglob``), so a loop cannot hang them.
+    """
+    if path.is_symlink():
+        try:
+            path.stat()
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "symlink loop; skipped"
+            return "broken symlink (its target is missing); skipped"
+        if path.is_dir():
+            return "symlinked folder, not followed; its images are not used"
+    kind = UNREAD_FORMATS.get(path.suffix.lower())
+    if kind and path.is_file():
+        return f"{kind} file; pneumo reads JPEG and PNG only, so it is skipped (convert it to PNG)"
+    return None
+
+
+def _images_under(folder: Path, skipped: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """The images under ``folder``; entries worth a mention that are not used go to ``skipped``."""
+    images = []
+    for p in sorted(folder.rglob("*")):
+        if any(part.startswith(".") or part in IGNORED_NAMES for part in p.relative_to(folder).parts):
+            continue
+        if is_image_file(p):
+            images.append(p)
+        elif skipped is not None and (why := skip_reason(p)) is not None:
+            skipped.append((p, why))
+    return images
 
 
 def _find_layout_root(root: Path) -> tuple[Path, str]:
@@ -162,11 +207,15 @@ def _find_layout_root(root: Path) -> tuple[Path, str]:
         if any(d.name.lower() in SPLIT_ALIASES for d in subdirs):
             return current, "kaggle"
         loose_images = [p for p in current.iterdir() if is_image_file(p)]
-        if len(subdirs) == 1 and not loose_images:
-            current = subdirs[0]
+        if len(subdirs) == 1 and not loose_images and not _holds_images(subdirs[0]):
+            current = subdirs[0]  # a wrapper, not the one class folder of a one-class data set
             continue
         return current, "classes"
     return current, "classes"
+
+
+def _holds_images(folder: Path) -> bool:
+    return any(is_image_file(p) for p in folder.iterdir())
 
 
 def discover(root: str | Path, patient: PatientRule | str = "kermany") -> ChestXrayFolder:
@@ -194,19 +243,23 @@ def _discover(root: Path, rule: PatientRule) -> ChestXrayFolder:
         split_dirs = [("train", base)]
     classes = sorted({c.name for _, d in split_dirs for c in _visible_dirs(d)})
     if not classes:
-        raise DataError(f"{base}: found no class folders (expected e.g. NORMAL/ and PNEUMONIA/)")
+        expected = ", ".join(str(base / name) for name in KERMANY_CLASSES)
+        if any(_holds_images(d) for _, d in split_dirs):
+            raise DataError(f"found images directly in {base} but no class folders; expected {expected}")
+        raise DataError(f"{base}: found no class folders; expected {expected}")
     samples: list[Sample] = []
     empty: list[tuple[str, str]] = []
+    skipped: list[tuple[Path, str]] = []
     for split, split_dir in split_dirs:
         for class_dir in _visible_dirs(split_dir):
-            images = _images_under(class_dir)
+            images = _images_under(class_dir, skipped)
             if not images:
                 empty.append((split, class_dir.name))
             label = classes.index(class_dir.name)
             samples += [Sample(p, label, split, rule(p.name)) for p in images]
     if not samples:
         raise DataError(f"{root}: no JPEG or PNG images found under it")
-    return ChestXrayFolder(root=base, classes=classes, samples=samples, layout=layout, empty_classes=empty)
+    return ChestXrayFolder(base, classes, samples, layout, empty_classes=empty, skipped=skipped)
 
 
 def split_by_patient(
@@ -215,12 +268,14 @@ def split_by_patient(
     """Seeded, class-stratified split in which every patient lies wholly on one side.
 
     Patients are dealt per class (a patient's class is that of most of their images) until the
-    validation side holds ``valid_pct`` of that class's images. ``groups`` may merge patients further
-    (exact duplicate files of different names, say) so that no copy leaks across the split.
+    validation side holds ``valid_pct`` of that class's images. ``groups`` maps files to a group
+    (byte-identical copies share one, see ``cache.duplicate_groups``): every patient with a file in a
+    group is dealt together with the others of that group, so no copy leaks across the split.
     """
     if not 0 < valid_pct < 1:
         raise DataError(f"valid_pct must lie between 0 and 1, got {valid_pct}")
-    key = (lambda s: groups.get(s.path, s.patient)) if groups else (lambda s: s.patient)
+    joined = _join_patients(samples, groups) if groups else {}
+    key = lambda s: joined.get(s.patient, s.patient)  # noqa: E731
     by_patient: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
         by_patient[key(s)].append(s)
@@ -243,6 +298,25 @@ def split_by_patient(
     train = [s for s in samples if key(s) not in valid_patients]
     valid = [s for s in samples if key(s) in valid_patients]
     return train, valid
+
+
+def _join_patients(samples: Sequence[Sample], groups: dict[Path, str]) -> dict[str, str]:
+    """Patient -> the first (sorted) patient of the set it is joined to through shared groups."""
+    parent: dict[str, str] = {}
+
+    def root(p: str) -> str:
+        while parent.get(p, p) != p:
+            p = parent[p]
+        return p
+
+    first_in_group: dict[str, str] = {}
+    for s in samples:
+        if (group := groups.get(s.path)) is None:
+            continue
+        a, b = root(s.patient), root(first_in_group.setdefault(group, s.patient))
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return {p: root(p) for p in parent}
 
 
 def split_random(samples: Sequence[Sample], valid_pct: float, seed: int = 42) -> tuple[list[Sample], list[Sample]]:

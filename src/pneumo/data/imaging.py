@@ -3,6 +3,11 @@
 Every image becomes a square uint8 grey array of the model's size: X-rays carry no colour, so one
 channel is kept (the first convolution's RGB weights are summed to match). Normalisation lives in
 the model itself, so nothing downstream can apply the wrong mean and std.
+
+``open_image`` turns a film upright by its EXIF orientation tag (a phone or scanner may store the
+pixels sideways and say so in the tag), so train, predict, serve and explain all see what a reader
+sees. It reads JPEG and PNG, as ``serve`` accepts and the folder walks pick up; anything else, and
+any image under ``MIN_SIDE`` pixels a side, is an ImageError naming the file.
 """
 
 from __future__ import annotations
@@ -11,12 +16,14 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pneumo.errors import ImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error, never silently grey
 MAX_PIXELS = 80_000_000  # decompression-bomb guard: far above any radiograph (~ 3000 x 3000)
+MIN_SIDE = 8  # pixels: smaller is a thumbnail or a placeholder (a 1x1 pixel), not a film to read
+READ_FORMATS = {"JPEG", "MPO", "PNG"}  # MPO: the JPEG a phone camera writes, multi-picture
 
 
 def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -35,14 +42,18 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Imag
                 raise ImageError(name, "empty file (0 bytes)")
             handle = path.open("rb")
         with handle, Image.open(handle) as img:
+            if img.format not in READ_FORMATS:
+                raise ImageError(name, f"a {img.format} image; pneumo reads JPEG and PNG only (convert it to PNG)")
             if img.width * img.height > max_pixels:
                 raise ImageError(
                     name,
                     f"image too large ({img.width}x{img.height} pixels; "
                     f"limit {max_pixels:,}): refusing a possible decompression bomb",
                 )
+            if min(img.width, img.height) < MIN_SIDE:
+                raise ImageError(name, f"image too small ({img.width}x{img.height} pixels; at least {MIN_SIDE} a side)")
             img.load()
-            return img.copy()
+            return ImageOps.exif_transpose(img)  # a new, upright image (a copy when there is no tag)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -63,10 +74,11 @@ def to_grey_uint8(img: Image.Image) -> np.ndarray:
     scaled by their own maximum rather than by 65535.
     """
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
+        arr = np.asarray(img, dtype=np.float64)  # float64: any float32 pixel over the maximum stays finite
+        arr = np.where(np.isfinite(arr), arr, 0.0)  # a NaN or infinite pixel (float exports) carries nothing
         top = float(arr.max())
-        arr = arr / top * 255.0 if top > 0 else arr
-        return np.clip(arr + 0.5, 0, 255).astype(np.uint8)
+        arr = np.clip(arr / top, 0.0, 1.0) * 255.0 if top > 0 else np.zeros_like(arr)
+        return (arr + 0.5).astype(np.uint8)
     if img.mode == "LA" or img.mode == "RGBA" or img.mode == "P":
         img = img.convert("RGB")
     if img.mode != "L":

@@ -8,6 +8,7 @@ show up here long before they show up as a bad validation score.
 from __future__ import annotations
 
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,8 @@ def show_batch(
         raise PneumoError(f"rows and cols must be at least 1, got rows={rows}, cols={cols}")
     if image_size < 8:
         raise PneumoError(f"image_size must be at least 8 pixels, got {image_size}")
+    out = Path(out)
+    _require_writable(out)
     data = discover(path)
     pool = data.split("train") or data.samples
     chosen = random.Random(seed).sample(pool, min(rows * cols, len(pool)))
@@ -59,4 +62,22 @@ def show_batch(
     titles = [data.classes[chosen[i].label] for i in keep]
     note = "augmented" if augment else "not augmented"
     suptitle = f"{len(keep)} training images from {data.root.name} ({note}, seed {seed}, {image_size} px)"
-    return plot_image_grid(list(pixels), titles, out, ncols=cols, suptitle=suptitle)
+    try:
+        return plot_image_grid(list(pixels), titles, out, ncols=cols, suptitle=suptitle)
+    except OSError as exc:  # the folder changed under us since the check above
+        raise PneumoError(f"{out}: cannot write the picture ({exc.strerror or exc}); choose another --out") from None
+
+
+def _require_writable(out: Path) -> None:
+    """Fail before any decoding when ``out`` cannot be written (its folder cannot be made, is read-only...)."""
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise PneumoError(f"{out}: cannot write the picture there ({blocking} is a file, not a folder)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise PneumoError(
+            f"{out}: cannot write the picture there ({out.parent}: {exc.strerror or exc}); choose another --out"
+        ) from None

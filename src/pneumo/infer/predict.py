@@ -15,7 +15,7 @@ from typing import IO
 import numpy as np
 
 from pneumo.data.cache import decode_images
-from pneumo.data.folders import discover, is_image_file, subtype_of
+from pneumo.data.folders import discover, is_image_file, printable, subtype_of
 from pneumo.errors import DataError, PneumoError
 from pneumo.evaluation.metrics import evaluate_predictions, write_evaluation_figures
 from pneumo.infer.model_folder import LoadedModel, load_model
@@ -61,6 +61,7 @@ def predict_files(
 
 
 def write_predictions(rows: list[dict], fmt: str, stream: IO[str]) -> None:
+    rows = [{**r, "path": printable(r["path"])} for r in rows]  # a name that is not UTF-8 prints as \xe9
     if fmt == "json":
         stream.write(json.dumps(rows, indent=2) + "\n")
         return

@@ -84,12 +84,17 @@ def train(
             )
         cfg.out = str(folder.path)
     callbacks = [MetricsCSV(), *([] if quiet else [EpochTable()]), *make_trackers(track, folder.path), *callbacks]
-    folder.path.mkdir(parents=True, exist_ok=True)
+    created = folder.make()
     folder.write_config(cfg)
 
     # --- data and model, built as the LR range test builds them --------------------------------------
     started = time.perf_counter()
-    setup = prepare_run(cfg, progress, pretrained=state is None)
+    try:
+        setup = prepare_run(cfg, progress, pretrained=state is None)
+    except BaseException:  # refused data, say: leave no run folder holding only config.json
+        if not resume:  # a resumed run's config.json is the user's
+            folder.discard_unstarted(created)
+        raise
     model, generator, valid_y = setup.model, setup.generator, setup.valid_y
     folder.write_split(
         SplitRecord(

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from pneumo.config import TrainConfig
-from pneumo.data.cache import decode_images
-from pneumo.data.folders import Sample, discover, make_split
-from pneumo.errors import PneumoError
+from pneumo.data.cache import decode_images, duplicate_groups
+from pneumo.data.check import require_trainable
+from pneumo.data.folders import Sample, discover, make_split, printable
+from pneumo.errors import DataError, PneumoError
 from pneumo.nets.models import XrayNet, create_model
 
 
@@ -89,20 +90,47 @@ class TrainData:
 
 
 def load_data(cfg: TrainConfig, progress: bool = True, timings: dict[str, float] | None = None) -> TrainData:
-    """Discover, split by patient, decode once (cached) and drop unreadable images with a note."""
+    """Discover, refuse what ``data check`` fails, split by patient (byte-identical copies kept on one
+    side), decode once (cached) and drop unreadable images with a note."""
     dataset = discover(cfg.data, cfg.patient_rule)
-    split = make_split(dataset, cfg.valid_pct, cfg.split, cfg.seed, cfg.keep_val)
-    if not split.valid:
-        raise PneumoError(f"{cfg.data}: the validation split is empty; lower --valid-pct or add images")
+    require_trainable(dataset)
+    groups = None
+    if cfg.split == "patient":
+        pool = dataset.split("train") + dataset.split("valid")
+        groups = duplicate_groups([s.path for s in pool], progress=progress)
+    split = make_split(dataset, cfg.valid_pct, cfg.split, cfg.seed, cfg.keep_val, groups=groups)
+    for side, samples in (("training", split.train), ("validation", split.valid)):
+        if not samples:
+            raise DataError(f"{cfg.data}: the {side} split is empty; change --valid-pct or add images")
     with timed(timings, "decode_s"):
         decoded = decode_images([s.path for s in split.train + split.valid], cfg.image_size, progress=progress)
-    notes = list(split.notes) + [f"skipped unreadable {p}: {why}" for p, why in decoded.errors.items()]
+    notes = list(split.notes) + [f"skipped unreadable {printable(p)}: {why}" for p, why in decoded.errors.items()]
     n = len(split.train)
     ok_train, ok_valid = decoded.ok[:n], decoded.ok[n:]
     train = [s for s, ok in zip(split.train, ok_train) if ok]
     valid = [s for s, ok in zip(split.valid, ok_valid) if ok]
+    for side, samples, readable in (("training", split.train, train), ("validation", split.valid, valid)):
+        _require_readable(side, samples, readable, decoded.errors, dataset.classes)
     pixels = np.asarray(decoded.pixels)
     return TrainData(dataset.classes, train, valid, pixels[:n][ok_train], pixels[n:][ok_valid], notes)
+
+
+def _require_readable(
+    side: str, samples: list[Sample], readable: list[Sample], errors: dict[str, str], classes: list[str]
+) -> None:
+    """A DataError when unreadable files leave a side of the split, or a class on it, without images."""
+    if len(readable) == len(samples):
+        return
+    bad = [s for s in samples if str(s.path) in errors]
+    example = f"e.g. {printable(bad[0].path)}: {errors[str(bad[0].path)]}" if bad else ""
+    if not readable:
+        raise DataError(f"all {len(samples)} {side} images are unreadable ({example}); `pneumo data check` lists them")
+    missing = sorted({classes[s.label] for s in samples} - {classes[s.label] for s in readable})
+    if missing:
+        raise DataError(
+            f"no readable {side} images of {', '.join(missing)}: {len(bad)} of {len(samples)} {side} images "
+            f"are unreadable ({example}); `pneumo data check` lists them"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
