@@ -200,11 +200,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     progress = not (args.json or args.csv)
     if args.no_audit:
-        rows = predict_files(args.model, args.paths, tta=args.tta, progress=progress)
+        rows = predict_files(args.model, args.paths, tta=args.tta, progress=progress, runtime=args.runtime)
     else:
         from pneumo.audit.record import predict_and_record
 
-        rows = predict_and_record(args.model, args.paths, db=args.db, tta=args.tta, progress=progress)
+        rows = predict_and_record(
+            args.model, args.paths, db=args.db, tta=args.tta, progress=progress, runtime=args.runtime
+        )
     write_predictions(rows, fmt="json" if args.json else "csv" if args.csv else "table", stream=sys.stdout)
     return 1 if rows and all(r.get("error") for r in rows) else 0
 
@@ -271,6 +273,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=ConnectionLimits(
             header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, max_connections=args.max_connections
         ),
+        runtime=args.runtime,
     )
     return 0
 
@@ -296,6 +299,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     report = summarise(args.target[0], model_dir=args.model)
     emit_json(report) if args.json else print(format_summary(report))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pneumo.infer.onnx import export_onnx, format_export
+
+    report = export_onnx(args.model, args.onnx, opset=args.opset, check_on=args.check_on, progress=not args.json)
+    emit_json(report) if args.json else print(format_export(report))
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from pneumo.infer.model_card import write_model_card
+
+    print(f"model card written to {write_model_card(args.model)}")
     return 0
 
 
@@ -409,6 +427,16 @@ def add_audit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-audit", action="store_true", help="do not record the readings in the audit database")
 
 
+def add_runtime_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--runtime",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="torch (default) or onnx: onnxruntime on the model's ONNX export (pneumo export), without "
+        "PyTorch; no Grad-CAM, no --tta",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pneumo",
@@ -514,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true")
     p.add_argument("--tta", action="store_true")
     add_audit_arguments(p)
+    add_runtime_argument(p)
 
     p = command(
         "ensemble",
@@ -563,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's headers")
     p.add_argument("--body-timeout", type=float, default=60.0, help="seconds for a request's body (then 408)")
     p.add_argument("--max-connections", type=int, default=100, help="past it the longest-idle one is closed")
+    add_runtime_argument(p)
     add_audit_arguments(p)
     p.add_argument(
         "--keep-images",
@@ -602,6 +632,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--include-agreed", action="store_true", help="export: also the images readers confirmed, not only corrected"
     )
+
+    p = command(
+        "export",
+        cmd_export,
+        "write the model as one ONNX graph (uint8 films in, calibrated probabilities out), checked against PyTorch",
+    )
+    p.add_argument("model", help="model folder (RUN/model), run folder or ensemble")
+    p.add_argument("--onnx", default=None, metavar="OUT.onnx", help="where to write it (default: MODEL/model.onnx)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default %(default)s)")
+    p.add_argument(
+        "--check-on", default=None, metavar="FOLDER", help="films to check parity on (default: the bundled sample)"
+    )
+    p.add_argument("--json", action="store_true")
+
+    p = command("card", cmd_card, "(re)write MODEL_CARD.md in a model folder from what it and its run recorded")
+    p.add_argument("model", help="model folder (RUN/model) or run folder")
 
     p = command("compare", cmd_compare, "does transfer learning pay? pretrained vs scratch over data sizes")
     p.add_argument("data")

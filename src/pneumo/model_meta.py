@@ -113,6 +113,17 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def model_folder(path: str | Path) -> Path:
+    """The model folder ``path`` names: itself, or ``path/model`` when it is a run folder.
+
+    Here, not in ``infer.model_folder`` (which re-exports it), because the torch-free ONNX route and
+    the audit trail resolve folders too."""
+    folder = Path(path)
+    if (folder / "model").is_dir() and not (folder / "model.json").exists():
+        folder = folder / "model"
+    return folder
+
+
 def read_model_meta(path: str | Path) -> ModelMeta:
     """``model.json`` as a checked ModelMeta; any problem is a ModelError naming the file."""
     path = Path(path)

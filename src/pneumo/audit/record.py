@@ -32,9 +32,9 @@ from pneumo.audit.db import open_database, sqlite_file
 from pneumo.audit.schema import NOTE_MAX_CHARS, AuditedModel, Feedback, Reading
 from pneumo.data.imaging import open_image, to_grey_uint8
 from pneumo.errors import PneumoError
-from pneumo.infer.model_folder import load_model, model_folder
+from pneumo.infer.runtime import open_model
 from pneumo.io_utils import atomic_write
-from pneumo.model_meta import ModelMeta, read_model_meta
+from pneumo.model_meta import ModelMeta, model_folder, read_model_meta
 from pneumo.version import __version__
 
 IMAGES_FOLDER = "audit_images"  # beside the SQLite file: IMAGES_FOLDER/ab/abcdef....png
@@ -290,13 +290,16 @@ def predict_and_record(
     db: str | Path | None = None,
     tta: bool = False,
     progress: bool = True,
+    runtime: str = "torch",
 ) -> list[dict]:
     """``pneumo predict`` with every successful reading recorded in the audit trail."""
     from pneumo.infer.predict import predict_files
 
     folder = model_folder(model)
-    trail = AuditTrail.open(db, folder)  # first: a database that cannot be opened fails before any work
-    loaded = load_model(folder)
+    trail = AuditTrail.open(
+        db, folder, runtime=runtime
+    )  # first: a database that cannot be opened fails before any work
+    loaded = open_model(folder, runtime)
     try:
         start = time.perf_counter()
         rows = predict_files(loaded, paths, tta=tta, progress=progress)

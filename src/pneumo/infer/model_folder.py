@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from pneumo.data.cache import decode_images
 from pneumo.errors import ModelError, PneumoError
 from pneumo.io_utils import atomic_write
-from pneumo.model_meta import ModelMeta, read_model_meta, write_model_meta
+from pneumo.model_meta import ModelMeta, model_folder, read_model_meta, write_model_meta  # model_folder: torch-free
 from pneumo.nets.models import XrayNet, get_backbone
 
 __all__ = ["EnsembleModel", "LoadedModel", "ModelMeta", "load_model", "model_folder", "save_model"]
@@ -86,14 +86,6 @@ class EnsembleModel(LoadedModel):
     def logits(self, pixels: np.ndarray | torch.Tensor, batch_size: int = 32, tta: bool = False) -> np.ndarray:
         mean = np.mean([m.probabilities(pixels, batch_size, tta) for m in self.members], axis=0)
         return np.log(np.clip(mean, 1e-12, None)).astype(np.float32)
-
-
-def model_folder(path: str | Path) -> Path:
-    """The model folder ``path`` names: itself, or ``path/model`` when it is a run folder."""
-    folder = Path(path)
-    if (folder / "model").is_dir() and not (folder / "model.json").exists():
-        folder = folder / "model"
-    return folder
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> LoadedModel:

@@ -10,16 +10,18 @@ import csv
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
 from pneumo.data.cache import decode_images
 from pneumo.data.folders import discover, is_image_file, printable, subtype_of
 from pneumo.errors import DataError, PneumoError
-from pneumo.evaluation.metrics import evaluate_predictions, write_evaluation_figures
-from pneumo.infer.model_folder import LoadedModel, load_model
+from pneumo.infer.runtime import open_model
 from pneumo.io_utils import atomic_write_json
+
+if TYPE_CHECKING:  # torch is imported only on the torch runtime (infer.runtime.open_model)
+    from pneumo.infer.model_folder import LoadedModel
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -36,10 +38,16 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def predict_files(
-    model: str | Path | LoadedModel, paths: Sequence[str | Path], tta: bool = False, progress: bool = True
+    model: str | Path | LoadedModel,
+    paths: Sequence[str | Path],
+    tta: bool = False,
+    progress: bool = True,
+    runtime: str = "torch",
 ) -> list[dict]:
-    """One row per image: path, label, probability of that label, every class's probability, or error."""
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    """One row per image: path, label, probability of that label, every class's probability, or error.
+
+    ``runtime="onnx"`` reads the model's ONNX export with onnxruntime, torch never imported."""
+    loaded = open_model(model, runtime)
     files = expand_paths(paths)
     probs, ok, errors = loaded.predict_paths(files, progress=progress, tta=tta)
     decisions = loaded.decide(np.nan_to_num(probs))
@@ -96,7 +104,9 @@ def evaluate_model_on_folder(
     the pixels of the evaluated films, never their labels, and returns the model to evaluate and
     what was done, reported under ``"adapted"``.
     """
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    from pneumo.evaluation.metrics import evaluate_predictions, write_evaluation_figures
+
+    loaded = open_model(model)
     dataset = discover(data)
     chosen = split or ("test" if "test" in dataset.splits else dataset.splits[0] if len(dataset.splits) == 1 else None)
     if chosen is None or chosen not in dataset.splits:

@@ -26,10 +26,9 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from fastapi import Body, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
@@ -41,9 +40,7 @@ from pneumo.audit.record import AuditTrail, FeedbackError, UnknownReading
 from pneumo.audit.schema import NOTE_MAX_CHARS
 from pneumo.data.imaging import open_image, prepare, to_grey_uint8
 from pneumo.errors import ImageError, PneumoError
-from pneumo.infer.explain import DEFAULT_CMAP, gradcam_heatmap
-from pneumo.infer.model_folder import LoadedModel, load_model
-from pneumo.plots import overlay_heatmap_array
+from pneumo.infer.runtime import open_model
 from pneumo.serve.limits import (
     ENVELOPE_BYTES,
     PIXEL_BUDGET,
@@ -57,6 +54,9 @@ from pneumo.serve.limits import (
 from pneumo.serve.schemas import AUTH_ERRORS, UPLOAD_ERRORS, UPLOAD_OPENAPI, Health, ModelInfo, Reading, errors
 from pneumo.serve.server import ConnectionLimits, connection_cap, log_repeats_once, uvicorn_config
 from pneumo.version import __version__
+
+if TYPE_CHECKING:  # torch, Grad-CAM and matplotlib load only on the torch runtime (--runtime onnx: never)
+    from pneumo.infer.model_folder import LoadedModel
 
 STATIC = Path(__file__).parent / "static"
 MAGIC = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG\r\n\x1a\n": "image/png"}
@@ -125,7 +125,12 @@ def read_xray(model: LoadedModel, data: bytes, name: str, heatmap: bool, max_pix
         "heatmap_png_base64": None,
         "heatmap_class": None,
     }
-    if heatmap:
+    if heatmap and getattr(model, "runtime", "torch") == "onnx":
+        result["heatmap_unavailable"] = "Grad-CAM needs the network: serve with --runtime torch"
+    elif heatmap:
+        from pneumo.infer.explain import DEFAULT_CMAP, gradcam_heatmap
+        from pneumo.plots import overlay_heatmap_array
+
         heat = gradcam_heatmap(model, pixels, predicted)
         grey = Image.fromarray(to_grey_uint8(img), mode="L")
         grey.thumbnail((HEATMAP_MAX_SIDE, HEATMAP_MAX_SIDE), Image.BILINEAR)
@@ -248,6 +253,10 @@ def close_audit(app: FastAPI) -> None:
         app.state.audit.close()
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def docs_page(app: FastAPI) -> str:
     """A CDN-free stand-in for Swagger UI: each route, its summary and a link to the schema."""
     rows = []
@@ -286,11 +295,13 @@ def create_app(
     body_timeout_s: float = ConnectionLimits.body_timeout_s,
     audit: AuditTrail | None = None,
     token: str | None = None,
+    runtime: str = "torch",
 ) -> FastAPI:
     """The FastAPI app for one model folder (loaded once, shared by the inference threads).
 
     ``audit`` records every reading and takes readers' feedback (``add_audit_routes``); with ``token``
-    every /api/ route but /api/access needs ``Authorization: Bearer TOKEN`` (``TokenGate``).
+    every /api/ route but /api/access needs ``Authorization: Bearer TOKEN`` (``TokenGate``). ``runtime``
+    "onnx" serves the model's ONNX export through onnxruntime, without torch and without heatmaps.
     """
     if not max_upload_mb > 0:
         raise PneumoError(f"--max-upload-mb must be positive, got {max_upload_mb}")
@@ -298,7 +309,10 @@ def create_app(
         raise PneumoError(f"--body-timeout must be positive, got {body_timeout_s}")
     budget = PixelBudget(pixel_budget, max_pixels)  # options first: a bad one fails before the model loads
     pool = InferencePool(inference_workers, queue_limit)
-    model = load_model(model_dir)
+    model = open_model(model_dir, runtime, threads=max(1, _cores() // inference_workers))
+    if getattr(model, "runtime", "torch") == "torch":  # Grad-CAM's imports paid now, not by the first upload
+        import pneumo.infer.explain  # noqa: F401
+        import pneumo.plots  # noqa: F401
     max_bytes = int(max_upload_mb * 2**20)
 
     @asynccontextmanager
@@ -366,6 +380,7 @@ def create_app(
             "max_image_pixels": max_pixels,
             "accepted": sorted(set(MAGIC.values())),
             "pneumo_version": model.meta.pneumo_version,
+            "runtime": getattr(model, "runtime", "torch"),
         }
 
     @app.post(
@@ -416,6 +431,7 @@ def serve(
     max_pixels: int = SERVE_MAX_PIXELS,
     pixel_budget: int = PIXEL_BUDGET,
     limits: ConnectionLimits | None = None,
+    runtime: str = "torch",
 ) -> None:
     """Run the app with uvicorn; loopback only unless ``host`` says otherwise (then with a token).
 
@@ -429,7 +445,7 @@ def serve(
     if keep_images and not audit:
         raise PneumoError("--keep-images stores images for the audit trail: it cannot go with --no-audit")
     limits = limits or ConnectionLimits()
-    trail = AuditTrail.open(db, model_dir, keep_images=keep_images) if audit else None
+    trail = AuditTrail.open(db, model_dir, keep_images=keep_images, runtime=runtime) if audit else None
     app = create_app(
         model_dir,
         max_upload_mb,
@@ -440,14 +456,16 @@ def serve(
         limits.body_timeout_s,
         audit=trail,
         token=token,
+        runtime=runtime,
     )
     # Each queued upload may hold a spooled temporary file: leave descriptors for them.
     limits = dataclasses.replace(
         limits, max_connections=connection_cap(limits.max_connections, inference_workers + queue_limit)
     )
-    # Each inference thread gets its share of the cores: more intra-op threads than cores only spin.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // inference_workers))
+    if runtime == "torch":  # each inference thread gets its share of the cores: more only spin
+        import torch
+
+        torch.set_num_threads(max(1, _cores() // inference_workers))
     if host not in LOOPBACK:
         log.warning("serving on %s: API calls need the access token", host)
     config = uvicorn_config(app, host, port, limits)
