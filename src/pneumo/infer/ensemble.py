@@ -24,6 +24,7 @@ from pneumo.evaluation.metrics import (
     threshold_record,
     write_evaluation_figures,
 )
+from pneumo.infer.model_card import write_model_card
 from pneumo.infer.model_folder import load_model
 from pneumo.model_meta import ModelMeta, write_model_meta
 from pneumo.run_folder import RunFolder, ValidPredictions
@@ -80,6 +81,9 @@ def make_ensemble(run_dirs: Sequence[str | Path], out: str | Path, threshold: st
     record = threshold_record(choice) if choice else {}
     if record:
         report["threshold_choice"] = record
+    counts = runs[0].read_evaluation().get("split_counts") if runs[0].evaluation_file.is_file() else None
+    if counts:  # the members share one split (same paths checked above): the model card reports it
+        report["split_counts"] = counts
 
     model_dir = out_run.model_dir
     names = [f"{i}-{m.meta.arch}" for i, m in enumerate(members)]
@@ -101,4 +105,5 @@ def make_ensemble(run_dirs: Sequence[str | Path], out: str | Path, threshold: st
     out_run.write_evaluation(report)
     out_run.write_predictions(ValidPredictions(classes, first.paths, labels, first.patients, mean))
     write_evaluation_figures(report, mean, labels, out_run.path)
+    write_model_card(model_dir)
     return report

@@ -147,10 +147,12 @@ def card_text(
         data = members[0].get("data") if isinstance(members[0], dict) else None
         config = members[0] if isinstance(members[0], dict) else {}
     if data:
-        lines.append(f"Data folder: `{Path(str(data)).name}` (patient rule `{config.get('patient_rule', 'kermany')}`).")
+        where = "/".join(Path(str(data)).parts[-2:])
+        lines.append(f"Data folder: `{where}` (patient rule `{config.get('patient_rule', 'kermany')}`).")
     if counts:
         how = "by patient: no patient on both sides" if config.get("split", "patient") == "patient" else "at random"
-        lines.append(f"Split {how}; validation {config.get('valid_pct', 'n/a')} of the training folder.")
+        share = config.get("valid_pct")
+        lines.append(f"Split {how}" + (f"; {share:.0%} of the images held out for validation." if share else "."))
         lines += ["", "| side | images | patients | " + " | ".join(classes) + " |", "|---" * (3 + len(classes)) + "|"]
         for side in ("train", "valid"):
             c = counts.get(side) or {}

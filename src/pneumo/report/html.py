@@ -51,6 +51,7 @@ img.fig{max-width:100%;border:1px solid #ddd;margin:.4em 0}
 .note{color:#6b4e00;background:#fff6dc;border-left:4px solid #E69F00;padding:.3em .7em;margin:.5em 0}
 .grid{display:flex;flex-wrap:wrap;gap:12px}.card{width:172px;font-size:.8em;word-break:break-all}
 .card img{width:160px;height:auto;display:block;border:1px solid #ddd}.muted{color:#666}
+pre.model-card{white-space:pre-wrap;background:#f7f7f7;border:1px solid #ddd;padding:.8em;font-size:.85em}
 """
 
 
@@ -310,6 +311,13 @@ def _history_table(rows: list[dict[str, Any]]) -> str:
     return _table(header, [[cell(h, r.get(h)) for h in header] for r in rows])
 
 
+def _model_card_section(card: Path) -> str:
+    """MODEL_CARD.md as written (infer.model_card), verbatim: the page and the card cannot disagree."""
+    if not card.is_file():
+        return "<h2>Model card</h2>" + _note(f"No {card.name} in the model folder: `pneumo card RUN` writes one.")
+    return f"<h2>Model card</h2><pre class='model-card'>{_e(card.read_text(encoding='utf-8'))}</pre>"
+
+
 # ---------------------------------------------------------------- the page
 
 
@@ -345,6 +353,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     body.append(_calibration_section(ev, run_dir))
     body.append(_subtype_section(ev))
     body.append(_mistakes_section(preds, run_dir, model))
+    body.append(_model_card_section(run.model_dir / "MODEL_CARD.md"))
     page = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
         f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n"

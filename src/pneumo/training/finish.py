@@ -22,6 +22,7 @@ from pneumo.evaluation.metrics import (
     threshold_record,
     write_evaluation_figures,
 )
+from pneumo.infer.model_card import split_counts, write_model_card
 from pneumo.infer.model_folder import LoadedModel, ModelMeta, save_model
 from pneumo.nets.models import XrayNet
 from pneumo.plots import plot_training_curves
@@ -92,6 +93,7 @@ def finish_run(
             tqdm.write(f"warning: {choice['warning']}", file=sys.stderr)
     report["split"] = cfg.split
     report["n_train"], report["n_valid"] = len(data.train), len(data.valid)
+    report["split_counts"] = split_counts(data.train, data.valid, classes)  # for the model card: counts only
     run.write_evaluation(report)
     run.write_predictions(
         ValidPredictions(classes, [str(s.path) for s in data.valid], labels, [s.patient for s in data.valid], probs)
@@ -99,6 +101,7 @@ def finish_run(
     write_evaluation_figures(report, probs, labels, run.path)
     plot_training_curves(history, run.figure("curves.png"))
     model_dir = save_model(model, meta, run.model_dir)
+    write_model_card(model_dir)
     message = (
         f"model saved to {model_dir} (threshold {meta.threshold:.3f} by {meta.threshold_method}, "
         f"temperature {temperature:.2f})"
