@@ -72,6 +72,8 @@ def test_export_writes_a_graph_that_agrees_with_pytorch(exported):
     assert sidecar["source_model_sha256"] == model_fingerprint(folder)
     card = (folder / "MODEL_CARD.md").read_text()
     assert "## ONNX export" in card and sidecar["sha256"] in card
+    assert main(["card", str(folder)]) == 0  # a rewritten card still describes the export beside it
+    assert f"max |diff| of probabilities {parity['max_abs_diff']:.2e}" in (folder / "MODEL_CARD.md").read_text()
 
 
 def test_the_graph_takes_any_batch_of_uint8_films_and_returns_calibrated_probabilities(exported):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import platform
 from collections import Counter
 from collections.abc import Iterable
@@ -95,8 +96,12 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _num(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
+def _load_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _load(read: Any) -> Any:
@@ -240,15 +245,15 @@ def card_text(
             "",
             "## ONNX export",
             "",
-            f"`{onnx['onnx']}` (SHA-256 `{onnx['sha256']}`), opset {onnx['opset']}, {onnx['exporter']}. "
-            f"Input `{onnx['input']['name']}`: uint8 (N, {meta.image_size}, {meta.image_size}) grey films after "
-            f"pneumo's resize; output `{onnx['output']['name']}`: calibrated probabilities in the order {classes}. "
-            f"The decision rule is in `{Path(onnx['onnx']).with_suffix('.meta.json').name}`.",
+            f"`{onnx.get('onnx')}` (SHA-256 `{onnx.get('sha256')}`), opset {onnx.get('opset')}, "
+            f"{onnx.get('exporter')}. Input `pixels`: uint8 (N, {meta.image_size}, {meta.image_size}) grey films "
+            f"after pneumo's resize; output `probabilities`: calibrated probabilities in the order {classes}. "
+            f"The decision rule is in `{Path(str(onnx.get('onnx'))).with_suffix('.meta.json').name}`.",
         ]
-        if parity:
+        if parity and parity.get("max_abs_diff") is not None:
             lines.append(
-                f"Checked against PyTorch on {parity['images']} films: max |diff| of probabilities "
-                f"{parity['max_abs_diff']:.2e}, decisions identical: {parity['decisions_identical']}."
+                f"Checked against PyTorch on {parity.get('images')} films: max |diff| of probabilities "
+                f"{parity['max_abs_diff']:.2e}, decisions identical: {parity.get('decisions_identical')}."
             )
     return "\n".join(lines) + "\n"
 
@@ -284,5 +289,9 @@ def write_model_card(
         counts = _counts_from_files(run, meta.classes, str(config.get("patient_rule", "kermany")))
     if counts is None and evaluation and "n_train" in evaluation:
         counts = {"train": {"images": evaluation["n_train"]}, "valid": {"images": evaluation["n_valid"]}}
+    exported = folder / "model.onnx"
+    if onnx is None and exported.with_suffix(".meta.json").is_file():  # `pneumo export`'s default place
+        onnx = _load_json(exported.with_suffix(".meta.json"))
+        parity = _load_json(exported.with_suffix(".parity.json"))
     text = card_text(folder, meta, evaluation, counts, config, onnx, parity)
     return atomic_write_text(Path(out) if out is not None else folder / CARD_NAME, text)

@@ -101,7 +101,10 @@ def finish_run(
     write_evaluation_figures(report, probs, labels, run.path)
     plot_training_curves(history, run.figure("curves.png"))
     model_dir = save_model(model, meta, run.model_dir)
-    write_model_card(model_dir)
+    try:
+        write_model_card(model_dir)
+    except Exception as exc:  # noqa: BLE001 - the model is saved: a card that cannot be written must not fail the run
+        data.notes.append(f"MODEL_CARD.md not written ({type(exc).__name__}: {exc}); `pneumo card {model_dir}` retries")
     message = (
         f"model saved to {model_dir} (threshold {meta.threshold:.3f} by {meta.threshold_method}, "
         f"temperature {temperature:.2f})"
