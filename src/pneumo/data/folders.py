@@ -261,7 +261,7 @@ def _discover(root: Path, rule: PatientRule) -> ChestXrayFolder:
             label = classes.index(class_dir.name)
             samples += [Sample(p, label, split, rule(p.name)) for p in images]
     if not samples:
-        raise DataError(f"{root}: no JPEG or PNG images found under it")
+        raise DataError(f"{root}: no JPEG or PNG images (nor DICOM files) found under it")
     samples = with_dicom_patients(samples)
     return ChestXrayFolder(base, classes, samples, layout, empty_classes=empty, skipped=skipped)
 
