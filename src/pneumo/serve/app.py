@@ -407,7 +407,7 @@ def create_app(
         if not data:
             raise HTTPException(422, f"{name}: empty file (0 bytes)")
         if sniff_image_type(data) is None:
-            raise HTTPException(415, f"{name}: not a JPEG, PNG or DICOM (the file starts with {data[:8]!r})")
+            raise HTTPException(415, f"{name}: not a JPEG or PNG, nor a DICOM file (the file starts with {data[:8]!r})")
         pixels = header_pixels(data, name, max_pixels)
         result = await pool.run(budget.spend, pixels, read_xray, model, data, name, heatmap, max_pixels, scope)
         result["reading_id"] = await record_reading(app, data, result)
