@@ -9,6 +9,8 @@ on both sides of a train/validation split.
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import os
 import random
 import re
@@ -17,7 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pneumo.errors import DataError
+from pneumo.data.dicom import is_dicom, read_tags
+from pneumo.errors import DataError, ImageError
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 SPLIT_ALIASES = {
@@ -29,7 +32,7 @@ SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
-IGNORED_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db"}
+IGNORED_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db", "DICOMDIR"}
 # image formats pneumo does not read: skipped by every folder walk (train, evaluate, predict) and named by
 # `data check`; open_image refuses them too, as serve does, so no command reads them where another would not
 UNREAD_FORMATS = {".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP", ".webp": "WebP"}
@@ -159,7 +162,7 @@ def _visible_dirs(folder: Path) -> list[Path]:
 
 def is_image_file(path: Path) -> bool:
     return (
-        path.suffix.lower() in IMAGE_SUFFIXES
+        (path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path))
         and not path.name.startswith(".")
         and path.is_file()
         and not any(part in IGNORED_NAMES for part in path.parts)
@@ -258,8 +261,44 @@ def _discover(root: Path, rule: PatientRule) -> ChestXrayFolder:
             label = classes.index(class_dir.name)
             samples += [Sample(p, label, split, rule(p.name)) for p in images]
     if not samples:
-        raise DataError(f"{root}: no JPEG or PNG images found under it")
+        raise DataError(f"{root}: no JPEG or PNG images (nor DICOM files) found under it")
+    samples = with_dicom_patients(samples)
     return ChestXrayFolder(base, classes, samples, layout, empty_classes=empty, skipped=skipped)
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM: the patient is the PatientID tag, kept only as a keyed hash
+# ---------------------------------------------------------------------------------------------
+PATIENT_SALT_ENV = "PNEUMO_PATIENT_SALT"
+
+
+def with_dicom_patients(samples: list[Sample]) -> list[Sample]:
+    """DICOM samples get their patient from the PatientID tag, as ``dicom-`` + a keyed hash.
+
+    The key is derived from every PatientID of the data set (plus ``$PNEUMO_PATIENT_SALT`` when
+    set): the same folder gives the same hashes on any machine, so a seeded split is reproducible
+    and ``--resume`` finds it again, while a hash cannot be checked against a guessed ID without
+    knowing all the folder's IDs (whoever has those has the films). A site with few patients and
+    short IDs should set ``$PNEUMO_PATIENT_SALT`` to a secret. The IDs themselves are never stored.
+    A DICOM without a PatientID, or unreadable, keeps the file-name rule (decoding reports it).
+    """
+    tags: dict[Path, str] = {}
+    for s in samples:
+        if s.path.suffix.lower() in IMAGE_SUFFIXES or not is_dicom(s.path):
+            continue
+        try:
+            tags[s.path] = read_tags(s.path, ["PatientID"])["PatientID"]
+        except ImageError:
+            continue
+    ids = sorted({v for v in tags.values() if v})
+    if not ids:
+        return samples
+    key = hashlib.sha256("\n".join(["pneumo-patient-v1", os.environ.get(PATIENT_SALT_ENV, ""), *ids]).encode()).digest()
+
+    def hashed(pid: str) -> str:
+        return "dicom-" + hmac.new(key, pid.encode(), hashlib.sha256).hexdigest()[:16]
+
+    return [Sample(s.path, s.label, s.split, hashed(tags[s.path])) if tags.get(s.path) else s for s in samples]
 
 
 def split_by_patient(

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pneumo.data.dicom import PREAMBLE_END, is_dicom, looks_like_dicom, render_dicom
 from pneumo.errors import ImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error, never silently grey
@@ -27,8 +28,13 @@ READ_FORMATS = {"JPEG", "MPO", "PNG"}  # MPO: the JPEG a phone camera writes, mu
 
 
 def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image, or raise ImageError naming the file and the problem."""
+    """Open and fully decode an image, or raise ImageError naming the file and the problem.
+
+    A DICOM file (by extension or by its first bytes) is rendered by ``data.dicom`` to 8-bit grey.
+    """
     name = "<upload>" if isinstance(source, bytes) else str(source)
+    if _is_dicom_source(source):
+        return render_dicom(source if isinstance(source, bytes) else Path(source), max_pixels)
     try:
         if isinstance(source, bytes):
             if not source:
@@ -65,6 +71,13 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Imag
         if "truncated" in reason.lower():
             reason = f"truncated image data ({reason})"
         raise ImageError(name, reason) from None
+
+
+def _is_dicom_source(source: str | Path | bytes) -> bool:
+    if isinstance(source, bytes):
+        return looks_like_dicom(source[:PREAMBLE_END])
+    path = Path(source)
+    return path.is_file() and path.stat().st_size > 0 and is_dicom(path)
 
 
 def to_grey_uint8(img: Image.Image) -> np.ndarray:

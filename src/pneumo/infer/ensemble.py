@@ -26,6 +26,7 @@ from pneumo.evaluation.metrics import (
 )
 from pneumo.infer.model_card import write_model_card
 from pneumo.infer.model_folder import load_model
+from pneumo.infer.scope import write_ensemble_scope
 from pneumo.model_meta import ModelMeta, write_model_meta
 from pneumo.run_folder import RunFolder, ValidPredictions
 
@@ -102,6 +103,7 @@ def make_ensemble(run_dirs: Sequence[str | Path], out: str | Path, threshold: st
         trained_with={"members": [m.meta.trained_with for m in members]},
     )
     write_model_meta(model_dir / "model.json", meta)
+    write_ensemble_scope([model_dir / "members" / n for n in names], model_dir)
     out_run.write_evaluation(report)
     out_run.write_predictions(ValidPredictions(classes, first.paths, labels, first.patients, mean))
     write_evaluation_figures(report, mean, labels, out_run.path)

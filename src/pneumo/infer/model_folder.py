@@ -39,6 +39,7 @@ class LoadedModel:
         self.classes = meta.classes
         self.positive = meta.positive_index  # None: the model decides by argmax
         self.threshold = meta.operating_threshold  # on p(positive); None with argmax
+        self.folder: Path | None = None  # where it was loaded from (infer.scope reads its statistics there)
 
     @torch.inference_mode()
     def logits(self, pixels: np.ndarray | torch.Tensor, batch_size: int = 32, tta: bool = False) -> np.ndarray:
@@ -99,7 +100,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
             if not all(m.is_relative_to(folder.resolve()) for m in inside):
                 raise ModelError(f"{meta_file}: ensemble members must lie inside {folder}")
             members = [load_model(m, device) for m in inside]
-            return EnsembleModel(members, meta, torch.device(device))
+            ensemble = EnsembleModel(members, meta, torch.device(device))
+            ensemble.folder = folder
+            return ensemble
     for f in (meta_file, weights_file):
         if not f.is_file():
             raise ModelError(
@@ -119,4 +122,6 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
             f"{weights_file}: not usable weights for {meta.arch} ({type(exc).__name__}: {str(exc)[:200]})"
         ) from None
     device = torch.device(device)
-    return LoadedModel(net.to(device).eval(), meta, device)
+    loaded = LoadedModel(net.to(device).eval(), meta, device)
+    loaded.folder = folder
+    return loaded

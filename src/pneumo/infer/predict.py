@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -18,6 +19,7 @@ from pneumo.data.cache import decode_images
 from pneumo.data.folders import discover, is_image_file, printable, subtype_of
 from pneumo.errors import DataError, PneumoError
 from pneumo.infer.runtime import open_model
+from pneumo.infer.scope import ScopeCheck
 from pneumo.io_utils import atomic_write_json
 
 if TYPE_CHECKING:  # torch is imported only on the torch runtime (infer.runtime.open_model)
@@ -25,7 +27,7 @@ if TYPE_CHECKING:  # torch is imported only on the torch runtime (infer.runtime.
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
-    """Files as given, folders searched recursively for JPEG and PNG images."""
+    """Files as given, folders searched recursively for JPEG, PNG and DICOM images."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -46,25 +48,38 @@ def predict_files(
 ) -> list[dict]:
     """One row per image: path, label, probability of that label, every class's probability, or error.
 
-    ``runtime="onnx"`` reads the model's ONNX export with onnxruntime, torch never imported."""
+    ``runtime="onnx"`` reads the model's ONNX export with onnxruntime, torch never imported.
+    Every row says whether the film is in scope (``infer.scope``; DICOM tags only on the onnx
+    runtime); an out-of-scope film gets no label (its probabilities are kept, for the record) and a
+    warning line on stderr.
+    """
     loaded = open_model(model, runtime)
     files = expand_paths(paths)
-    probs, ok, errors = loaded.predict_paths(files, progress=progress, tta=tta)
+    decoded = decode_images(files, loaded.meta.image_size, progress=progress, use_cache=False)
+    ok, errors = decoded.ok, decoded.errors
+    pixels = np.asarray(decoded.pixels)[ok]
+    probs = np.full((len(files), len(loaded.classes)), np.nan, dtype=np.float32)
+    probs[ok] = loaded.probabilities(pixels, tta=tta)
+    verdicts = iter(ScopeCheck(loaded).check(pixels, [f for f, good in zip(files, ok) if good]))
     decisions = loaded.decide(np.nan_to_num(probs))
     rows = []
     for path, p, good, label in zip(files, probs, ok, decisions):
         if not good:
             rows.append({"path": str(path), "error": errors.get(str(path), "unreadable")})
             continue
+        verdict = next(verdicts)
         rows.append(
             {
                 "path": str(path),
-                "label": loaded.classes[label],
-                "probability": float(p[label]),
+                "label": loaded.classes[label] if verdict["in_scope"] else None,
+                "probability": float(p[label]) if verdict["in_scope"] else None,
                 "threshold": loaded.threshold,
                 **{f"p_{c}": float(v) for c, v in zip(loaded.classes, p)},
+                **verdict,
             }
         )
+        if not verdict["in_scope"]:
+            sys.stderr.write(f"warning: {path}: out of scope, no label given: {verdict['scope_reason']}\n")
     return rows
 
 
@@ -82,6 +97,8 @@ def write_predictions(rows: list[dict], fmt: str, stream: IO[str]) -> None:
     for r in rows:
         if "error" in r:
             stream.write(f"{r['path']}: ERROR {r['error']}\n")
+        elif r.get("in_scope") is False:
+            stream.write(f"{r['path']}: OUT OF SCOPE ({r['scope_reason']})\n")
         else:
             stream.write(f"{r['path']}: {r['label']} (p={r['probability']:.3f})\n")
 

@@ -38,9 +38,11 @@ from pydantic import BaseModel, Field
 
 from pneumo.audit.record import AuditTrail, FeedbackError, UnknownReading
 from pneumo.audit.schema import NOTE_MAX_CHARS
+from pneumo.data.dicom import PREAMBLE_END, looks_like_dicom
 from pneumo.data.imaging import open_image, prepare, to_grey_uint8
 from pneumo.errors import ImageError, PneumoError
 from pneumo.infer.runtime import open_model
+from pneumo.infer.scope import ScopeCheck
 from pneumo.serve.limits import (
     ENVELOPE_BYTES,
     PIXEL_BUDGET,
@@ -60,7 +62,7 @@ if TYPE_CHECKING:  # torch, Grad-CAM and matplotlib load only on the torch runti
 
 STATIC = Path(__file__).parent / "static"
 MAGIC = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG\r\n\x1a\n": "image/png"}
-ACCEPTED_TYPES = {"", "application/octet-stream"}  # plus any image/*; the first bytes decide
+ACCEPTED_TYPES = {"", "application/octet-stream", "application/dicom"}  # plus any image/*; the first bytes decide
 HEATMAP_MAX_SIDE = 800  # the page needs no more; keeps the JSON small for 3000 px radiographs
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
@@ -92,6 +94,8 @@ class SecurityHeaders:
 
 
 def sniff_image_type(data: bytes) -> str | None:
+    if looks_like_dicom(data[:PREAMBLE_END]):
+        return "application/dicom"
     return next((kind for magic, kind in MAGIC.items() if data.startswith(magic)), None)
 
 
@@ -101,7 +105,9 @@ def png_base64(rgb: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def read_xray(model: LoadedModel, data: bytes, name: str, heatmap: bool, max_pixels: int) -> dict[str, Any]:
+def read_xray(
+    model: LoadedModel, data: bytes, name: str, heatmap: bool, max_pixels: int, scope: ScopeCheck | None = None
+) -> dict[str, Any]:
     """Decode, predict and (optionally) explain one upload: the work done on a pool thread."""
     start = time.perf_counter()
     try:
@@ -125,6 +131,12 @@ def read_xray(model: LoadedModel, data: bytes, name: str, heatmap: bool, max_pix
         "heatmap_png_base64": None,
         "heatmap_class": None,
     }
+    if scope is not None:  # infer.scope: an out-of-scope film gets the reason, not a label
+        result.update(scope.check(pixels[None], [data])[0])
+        if not result["in_scope"]:
+            warning = f"out of scope, no label given: {result['scope_reason']}"
+            result.update(label=None, probability=None, warning=warning)
+            log.warning("an upload was out of scope: %s", result["scope_reason"])  # no file name: it may identify
     if heatmap and getattr(model, "runtime", "torch") == "onnx":
         result["heatmap_unavailable"] = "Grad-CAM needs the network: serve with --runtime torch"
     elif heatmap:
@@ -313,6 +325,7 @@ def create_app(
     if getattr(model, "runtime", "torch") == "torch":  # Grad-CAM's imports paid now, not by the first upload
         import pneumo.infer.explain  # noqa: F401
         import pneumo.plots  # noqa: F401
+    scope = ScopeCheck(model)
     max_bytes = int(max_upload_mb * 2**20)
 
     @asynccontextmanager
@@ -378,7 +391,8 @@ def create_app(
             "temperature": model.meta.temperature,
             "max_upload_mb": max_upload_mb,
             "max_image_pixels": max_pixels,
-            "accepted": sorted(set(MAGIC.values())),
+            "accepted": sorted(set(MAGIC.values()) | {"application/dicom"}),
+            "scope_check": scope.method,
             "pneumo_version": model.meta.pneumo_version,
             "runtime": getattr(model, "runtime", "torch"),
         }
@@ -408,9 +422,9 @@ def create_app(
         if not data:
             raise HTTPException(422, f"{name}: empty file (0 bytes)")
         if sniff_image_type(data) is None:
-            raise HTTPException(415, f"{name}: not a JPEG or PNG (the file starts with {data[:8]!r})")
+            raise HTTPException(415, f"{name}: not a JPEG or PNG, nor a DICOM file (the file starts with {data[:8]!r})")
         pixels = header_pixels(data, name, max_pixels)
-        result = await pool.run(budget.spend, pixels, read_xray, model, data, name, heatmap, max_pixels)
+        result = await pool.run(budget.spend, pixels, read_xray, model, data, name, heatmap, max_pixels, scope)
         result["reading_id"] = await record_reading(app, data, result)
         return result
 

@@ -30,8 +30,10 @@ class Reading(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     filename: str
-    label: str = Field(description="the decided class")
-    probability: float = Field(ge=0, le=1, description="the model's probability of that class")
+    label: str | None = Field(description="the decided class; null when the film is out of scope (in_scope false)")
+    probability: float | None = Field(
+        ge=0, le=1, description="the model's probability of that class; null when out of scope"
+    )
     probabilities: dict[str, float]
     threshold: float | None = Field(description="on p(positive_class); null when the highest probability wins")
     positive_class: str | None

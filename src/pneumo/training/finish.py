@@ -24,6 +24,7 @@ from pneumo.evaluation.metrics import (
 )
 from pneumo.infer.model_card import split_counts, write_model_card
 from pneumo.infer.model_folder import LoadedModel, ModelMeta, save_model
+from pneumo.infer.scope import fit_feature_scope, save_feature_scope, scope_features
 from pneumo.nets.models import XrayNet
 from pneumo.plots import plot_training_curves
 from pneumo.run_folder import RunFolder, ValidPredictions
@@ -101,6 +102,9 @@ def finish_run(
     write_evaluation_figures(report, probs, labels, run.path)
     plot_training_curves(history, run.figure("curves.png"))
     model_dir = save_model(model, meta, run.model_dir)
+    if len(data.valid) >= 8:  # infer.scope: what "far from the training films" means for this model
+        features = scope_features(LoadedModel(model, meta, device), data.valid_pixels)
+        save_feature_scope(fit_feature_scope(features, cfg.seed), model_dir)
     try:
         write_model_card(model_dir)
     except Exception as exc:  # noqa: BLE001 - the model is saved: a card that cannot be written must not fail the run

@@ -25,8 +25,8 @@ async function loadModelInfo() {
 }
 
 function show(result) {
-  $("label").textContent = result.label;
-  $("probability").textContent = pct(result.probability);
+  $("label").textContent = result.in_scope === false ? "no reading: " + result.warning : result.label;
+  $("probability").textContent = result.in_scope === false ? "\u2014" : pct(result.probability);
   $("threshold").textContent = result.threshold === null
     ? "none (highest probability wins)"
     : `${result.threshold.toFixed(3)} on p(${result.positive_class})`;

@@ -1,0 +1,143 @@
+"""Out-of-scope films: DICOM tags that say "not a frontal chest film", and films far from the training films."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import SAMPLE_ROOT, SHARED_DATA, one_torch_thread
+from pneumo.infer.model_folder import load_model
+from pneumo.infer.predict import predict_files, write_predictions
+from pneumo.infer.scope import (
+    ENSEMBLE_SCOPE_FILE,
+    SCOPE_FILE,
+    ScopeCheck,
+    dicom_tag_reasons,
+    fit_feature_scope,
+    read_feature_scope,
+    write_ensemble_scope,
+)
+
+pydicom = pytest.importorskip("pydicom", reason="the 'dicom' extra is not installed")
+from dicom_synth import write_dicom  # noqa: E402
+
+SHARED_DICOM = SHARED_DATA / "dicom"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.mark.parametrize(
+    ("tags", "expected"),
+    [
+        ({"Modality": "CR", "BodyPartExamined": "CHEST", "ViewPosition": "PA"}, None),
+        ({"Modality": "DX", "BodyPartExamined": "", "ViewPosition": ""}, None),  # silent tags: no verdict
+        ({"Modality": "CR", "BodyPartExamined": "EXTREMITY", "ViewPosition": "AP"}, "BodyPartExamined is EXTREMITY"),
+        ({"Modality": "CR", "BodyPartExamined": "CHEST", "ViewPosition": "LL"}, "ViewPosition is LL"),
+        ({"Modality": "CT", "BodyPartExamined": "CHEST"}, "Modality is CT"),
+        ({"Modality": "CR", "StudyDescription": "MODALITYLUT - TEETH"}, "description names TEETH"),
+        ({"Modality": "CR", "StudyDescription": "Thorax PA, TEETH visible"}, None),  # chest named too
+        ({"Modality": "CR", "BodyPartExamined": "Sm1th John 1970"}, "another value"),  # free text never echoed
+    ],
+)
+def test_tag_rules(tags, expected):
+    reasons = dicom_tag_reasons(tags)
+    if expected is None:
+        assert reasons == []
+    else:
+        assert len(reasons) == 1 and expected in reasons[0]
+
+
+def test_feature_distance_flags_films_off_the_validation_subspace():
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(8, 64))
+    valid = rng.normal(size=(400, 8)) @ basis + 0.1 * rng.normal(size=(400, 64))
+    scope = fit_feature_scope(valid)
+    assert 0.004 <= np.mean(scope.valid_distances > scope.threshold) <= 0.01  # the 99.5th percentile, held out
+    same = rng.normal(size=(2000, 8)) @ basis + 0.1 * rng.normal(size=(2000, 64))
+    assert np.mean(scope.distances(same) > scope.threshold) < 0.03
+    other = same[:200] + 0.5 * rng.normal(size=(200, 64))  # off the subspace
+    assert np.all(scope.distances(other) > scope.threshold)
+
+
+def test_training_writes_scope_stats_and_predict_reports_scope(trained_run, tmp_path):
+    stats = read_feature_scope(trained_run / "model")
+    assert stats is not None and stats.threshold > 0 and stats.components.shape[1] == stats.mean.shape[0]
+    chest = write_dicom(tmp_path / "chest.dcm")
+    knee = write_dicom(tmp_path / "knee.dcm", body_part="KNEE", view="AP")
+    jpeg = next((SAMPLE_ROOT / "test" / "NORMAL").glob("*.jpeg"))
+    rows = predict_files(trained_run / "model", [chest, knee, jpeg], progress=False)
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert (
+        by_name["knee.dcm"]["in_scope"] is False and "BodyPartExamined is KNEE" in by_name["knee.dcm"]["scope_reason"]
+    )
+    assert by_name["knee.dcm"]["label"] is None and by_name["knee.dcm"]["p_PNEUMONIA"] >= 0
+    assert by_name[jpeg.name]["in_scope"] is True and by_name[jpeg.name]["label"] in ("NORMAL", "PNEUMONIA")
+    assert all(isinstance(r["scope_distance"], float) for r in rows)
+    out = io.StringIO()
+    write_predictions(rows, "csv", out)
+    table = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert {"in_scope", "scope_reason", "scope_distance"} <= set(table[0])
+    out = io.StringIO()
+    write_predictions(rows, "table", out)
+    assert "knee.dcm: OUT OF SCOPE (DICOM BodyPartExamined is KNEE" in out.getvalue()
+
+
+def test_an_older_model_folder_is_checked_by_tags_only(trained_run, tmp_path):
+    old = Path(shutil.copytree(trained_run / "model", tmp_path / "old"))
+    (old / SCOPE_FILE).unlink()
+    check = ScopeCheck(load_model(old))
+    assert not check.by_features and "tags only" in check.method
+    knee = write_dicom(tmp_path / "knee.dcm", body_part="KNEE")
+    rows = predict_files(old, [knee, write_dicom(tmp_path / "chest.dcm")], progress=False)
+    assert [r["in_scope"] for r in rows] == [False, True] and rows[1]["scope_distance"] is None
+
+
+def test_ensemble_threshold_from_member_distances(trained_run, tmp_path):
+    members = [Path(shutil.copytree(trained_run / "model", tmp_path / f"m{i}")) for i in range(2)]
+    threshold = write_ensemble_scope(members, tmp_path)
+    stored = json.loads((tmp_path / ENSEMBLE_SCOPE_FILE).read_text())
+    assert stored["threshold"] == pytest.approx(threshold) and 0.5 < threshold <= 1.0 + 1e-9  # same member twice
+    (members[1] / SCOPE_FILE).unlink()
+    assert write_ensemble_scope(members, tmp_path / "x") is None
+
+
+def test_serve_says_out_of_scope_for_a_dicom_upload(trained_run, tmp_path):
+    from pneumo.serve.app import create_app
+
+    client = TestClient(create_app(trained_run / "model"))
+    knee = write_dicom(tmp_path / "knee.dcm", body_part="KNEE").read_bytes()
+    r = client.post("/api/predict?heatmap=false", files={"file": ("k.dcm", knee, "application/dicom")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["in_scope"] is False and body["label"] is None and "KNEE" in body["warning"]
+    chest = write_dicom(tmp_path / "chest.dcm").read_bytes()
+    r = client.post("/api/predict?heatmap=false", files={"file": ("c.dcm", chest, "application/octet-stream")})
+    assert r.status_code == 200 and "in_scope" in r.json() and r.json()["image"]["mode"] == "L"
+    assert "distance" in client.get("/api/model").json()["scope_check"]
+
+
+@pytest.mark.skipif(not SHARED_DICOM.is_dir(), reason=f"shared DICOM films not found at {SHARED_DICOM}")
+def test_the_shared_dental_and_tibia_films_are_out_of_scope_by_their_tags(tmp_path):
+    from pneumo.infer.scope import dicom_reasons
+
+    for name, expected in [
+        ("teeth_cr_mono1_modality_lut_jpeg_lossless.dcm", "TEETH"),
+        ("tibia_cr_mono1_jpeg2000_lossless.dcm", "EXTREMITY"),
+        ("chest_cr_mono1_15bit_jpeg2000.dcm", None),
+        ("chest_cr_mono2_jpeg_baseline.dcm", None),
+        ("chest_cr_mono1_10bit_no_meta.dcm", None),
+    ]:
+        path = Path(shutil.copy(SHARED_DICOM / name, tmp_path / name))
+        reasons = dicom_reasons(path)
+        assert (expected in " ".join(reasons)) if expected else reasons == [], (name, reasons)
