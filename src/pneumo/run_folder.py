@@ -10,6 +10,7 @@
     RUN/valid_eval.json          the validation evaluation (evaluation.metrics.evaluate_predictions)
     RUN/*.png                    figures (plots.py)
     RUN/checkpoints/last.pt      resumable state, written atomically each epoch
+    RUN/checkpoints/previous.pt  the epoch before: named when last.pt is damaged on disk
     RUN/checkpoints/features.pt  cached body features (features mode)
     RUN/model/                   the model folder: model.json (model_meta.py) + model.safetensors
 
