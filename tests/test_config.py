@@ -388,3 +388,30 @@ def test_explain_cmap_default_is_the_one_the_heatmaps_use():
 
     args = cli.build_parser().parse_args(["explain", "MODEL", "IMAGE"])
     assert args.cmap == HEATMAP_CMAP == DEFAULT_HEATMAP_CMAP
+
+
+def test_the_library_refuses_options_given_with_resume_too(tmp_path):
+    """`train(resume=True, out=RUN, epochs=5)` must not quietly run the old config's epochs."""
+    from pneumo.run_folder import RunFolder
+    from pneumo.training.loop import train
+
+    RunFolder(tmp_path).write_config(TrainConfig(data=str(tmp_path / "data")))
+    with pytest.raises(PneumoError, match="cannot change: epochs, lr"):
+        train(resume=True, out=str(tmp_path), epochs=5, lr=0.1, progress=False)
+    with pytest.raises(PneumoError, match="cannot change: data"):
+        train(tmp_path / "other", resume=True, out=str(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--start-lr", "0"], "--start-lr and --end-lr must be finite numbers above 0"),
+        (["--end-lr", "inf"], "--start-lr and --end-lr must be finite numbers above 0"),
+        (["--start-lr", "1", "--end-lr", "1"], "must lie below --end-lr"),
+        (["--num-it", "2"], "--num-it must be an integer >= 3"),
+    ],
+)
+def test_lr_find_refuses_a_ramp_that_cannot_run_before_reading_data(tmp_path, capsys, argv, says):
+    out = tmp_path / "lr"
+    assert cli.main(["lr-find", str(tmp_path / "no-data"), "--out", str(out), *argv]) == 2
+    assert says in capsys.readouterr().err and not out.exists()

@@ -23,6 +23,32 @@ def test_config_round_trips_with_an_absolute_data_path(tmp_path: Path, monkeypat
     assert cfg.data == str(tmp_path / "relative" / "data") and cfg.epochs == 3 and cfg.lr == 0.01
 
 
+def test_every_path_in_the_config_is_stored_absolute(tmp_path: Path, monkeypatch) -> None:
+    """--resume from another working directory finds the data, the weights file and the run itself."""
+    monkeypatch.chdir(tmp_path)
+    run = RunFolder("run")
+    run.write_config(TrainConfig(data="data", weights="w/lite0.safetensors", out="run"))
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert stored["data"] == str(tmp_path / "data")
+    assert stored["weights"] == str(tmp_path / "w" / "lite0.safetensors")
+    assert stored["out"] == str(tmp_path / "run")
+
+
+def test_an_edited_config_is_refused_naming_the_file_and_the_option(tmp_path: Path) -> None:
+    run = RunFolder(tmp_path)
+    run.write_config(TrainConfig(data="data"))
+    values = json.loads(run.config_file.read_text())
+    run.config_file.write_text(json.dumps({**values, "threshold": "bogus"}))
+    with pytest.raises(PneumoError, match=r"config.json: --threshold must be"):
+        run.read_config()
+    run.config_file.write_bytes(b"\xff\xfe")
+    with pytest.raises(PneumoError, match="config.json: cannot be read"):
+        run.read_config()
+    run.config_file.write_text("[]")
+    with pytest.raises(PneumoError, match="config.json: not a training config"):
+        run.read_config()
+
+
 def test_split_and_metrics_round_trip(tmp_path: Path) -> None:
     run = RunFolder(tmp_path)
     split = SplitRecord("patient", CLASSES, ["a.jpeg", "b.jpeg"], ["c.jpeg"], ["a note"])
@@ -95,3 +121,55 @@ def test_checkpoints_round_trip_without_unpickling(tmp_path: Path) -> None:
     run.save_checkpoint(epoch=2, weights={"w": torch.arange(3.0)}, history="[]")
     state = run.load_checkpoint()
     assert state["epoch"] == 2 and torch.equal(state["weights"]["w"], torch.arange(3.0)) and run.has_started()
+
+
+def test_the_checkpoint_before_last_is_kept_and_named_when_last_is_damaged(tmp_path: Path) -> None:
+    run = RunFolder(tmp_path)
+    run.save_checkpoint(phase=0, epoch=1, history="[]")
+    assert not run.previous_checkpoint_file.exists()
+    run.save_checkpoint(phase=0, epoch=2, history="[]")
+    assert run.load_checkpoint()["epoch"] == 2 and run.load_checkpoint(run.previous_checkpoint_file)["epoch"] == 1
+    run.checkpoint_file.write_bytes(run.checkpoint_file.read_bytes()[:40])  # damaged on disk later
+    with pytest.raises(TrainingError, match=r"last.pt: damaged checkpoint.*previous.pt \(epoch 1 of phase 1\)"):
+        run.load_checkpoint()
+    run.checkpoint_file.unlink()  # as the message says; also where a kill between the two renames leaves it
+    assert run.has_started() and run.load_checkpoint()["epoch"] == 1
+
+
+def test_both_checkpoints_damaged_names_the_last_only(tmp_path: Path) -> None:
+    run = RunFolder(tmp_path)
+    run.save_checkpoint(phase=0, epoch=1, history="[]")
+    run.save_checkpoint(phase=0, epoch=2, history="[]")
+    for f in (run.checkpoint_file, run.previous_checkpoint_file):
+        f.write_bytes(b"")
+    with pytest.raises(TrainingError, match="last.pt: damaged checkpoint") as caught:
+        run.load_checkpoint()
+    assert "previous.pt" not in str(caught.value)
+
+
+def test_every_file_is_written_with_the_umask_s_mode(tmp_path: Path) -> None:
+    """model.safetensors was 0600 (mkstemp's mode, kept by safetensors' own replace) beside 0644 files."""
+    import os
+    import stat
+
+    import torch
+
+    from pneumo.infer.model_folder import save_model
+    from pneumo.model_meta import ModelMeta
+    from pneumo.nets.models import XrayNet, get_backbone
+
+    before = os.umask(0o022)
+    try:
+        net = XrayNet(get_backbone("resnet18"), 2, 8, 0.5)
+        save_model(net, ModelMeta("resnet18", CLASSES, 64, hidden=8), tmp_path / "model")
+        run = RunFolder(tmp_path)
+        run.save_checkpoint(epoch=1, weights={"w": torch.zeros(1)})
+        run.write_config(TrainConfig(data="data"))
+        os.umask(0o077)  # read at each write, not once at import
+        run.write_metrics([])
+    finally:
+        os.umask(before)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*") if p.is_file()}
+    assert modes.pop("metrics.csv") == 0o600
+    assert set(modes) == {"model.safetensors", "model.json", "last.pt", "config.json"}
+    assert set(modes.values()) == {0o644}, modes

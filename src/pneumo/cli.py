@@ -359,6 +359,17 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def port_number(text: str) -> int:
+    """``--port``, refused here rather than by bind() after the model has loaded."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a TCP port is a whole number in 0..65535, not {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is a whole number in 0..65535, not {port}")
+    return port
+
+
 def training_fields(command: str) -> list[Field]:
     """The TrainConfig fields ``pneumo COMMAND`` takes as options: every one for train; for lr-find,
     those that shape the first phase (not its epochs, LR, fine-tuning, decision or run folder)."""
@@ -581,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("serve", cmd_serve, "web page and JSON API for reading an X-ray")
     p.add_argument("model")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=20.0)
     p.add_argument("--workers", type=int, default=2, help="inference threads")
     p.add_argument("--queue", type=int, default=32, help="requests allowed to wait before 503")

@@ -10,24 +10,27 @@ from pathlib import Path
 from typing import Any
 
 
-def _umask() -> int:
+def file_mode() -> int:
+    """What ``open()`` gives a new file under the current umask (0644 under the usual 022).
+
+    Read at each write, not at import: a service may set its umask after importing pneumo."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone gives 0600
+    return 0o666 & ~mask
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then move the result over ``path`` in one rename."""
+    """Call ``write(tmp_path)`` then move the result over ``path`` in one rename.
+
+    The mode is set after ``write``: mkstemp makes the file 0600, and writers such as safetensors'
+    ``save_file`` replace the file they are given rather than write into it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, _FILE_MODE)
     try:
         write(Path(tmp))
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

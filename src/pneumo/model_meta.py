@@ -100,6 +100,15 @@ class ModelMeta:
         for name in ("normalisation", "trained_with", "adaptation", "operating_points"):
             if not isinstance(getattr(self, name), dict):
                 raise bad(name, "must be an object")
+        for key in ("mean", "std"):  # informational, but shown by `serve` and the model card: sane or absent
+            if key in self.normalisation and not _is_stat(self.normalisation[key], positive=key == "std"):
+                raise bad(
+                    "normalisation",
+                    f"{key!r} must be a finite number{' above 0' if key == 'std' else ''}, or a list of 1 or 3 "
+                    f"of them (grey or RGB), not {self.normalisation[key]!r}",
+                )
+        if not isinstance(self.pneumo_version, str):
+            raise bad("pneumo_version", f"must be text, not {self.pneumo_version!r}")
         if not isinstance(self.members, list) or not all(isinstance(m, str) for m in self.members):
             raise bad("members", "must list member folders")
         return self
@@ -122,6 +131,12 @@ def model_folder(path: str | Path) -> Path:
     if (folder / "model").is_dir() and not (folder / "model.json").exists():
         folder = folder / "model"
     return folder
+
+
+def _is_stat(v: Any, positive: bool) -> bool:
+    """A per-channel input statistic: one number (grey) or a list of 1 or 3 (RGB)."""
+    values = v if isinstance(v, list) and len(v) in (1, 3) else [v]
+    return all(_is_number(x) and (x > 0 or not positive) for x in values)
 
 
 def read_model_meta(path: str | Path) -> ModelMeta:

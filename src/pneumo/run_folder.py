@@ -10,6 +10,7 @@
     RUN/valid_eval.json          the validation evaluation (evaluation.metrics.evaluate_predictions)
     RUN/*.png                    figures (plots.py)
     RUN/checkpoints/last.pt      resumable state, written atomically each epoch
+    RUN/checkpoints/previous.pt  the epoch before: named when last.pt is damaged on disk
     RUN/checkpoints/features.pt  cached body features (features mode)
     RUN/model/                   the model folder: model.json (model_meta.py) + model.safetensors
 
@@ -23,6 +24,7 @@ import csv
 import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,7 @@ class RunFolder:
         self.metrics_file, self.predictions_file = self.path / "metrics.csv", self.path / "valid_predictions.csv"
         self.evaluation_file, self.model_dir = self.path / "valid_eval.json", self.path / "model"
         self.checkpoint_file, self.features_file = checkpoints / "last.pt", checkpoints / "features.pt"
+        self.previous_checkpoint_file = checkpoints / "previous.pt"  # the epoch before last.pt's
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -87,7 +90,7 @@ class RunFolder:
 
     def has_started(self) -> bool:
         """A run was started here (it has a checkpoint): a new run must not overwrite it."""
-        return self.checkpoint_file.exists()
+        return self.checkpoint_file.exists() or self.previous_checkpoint_file.exists()
 
     def make(self) -> list[Path]:
         """Create the folder (and missing parents); return the folders this call created, outermost first."""
@@ -109,13 +112,21 @@ class RunFolder:
 
     # ------------------------------------------------------------------ config.json
     def write_config(self, cfg: TrainConfig) -> None:
+        """The config with every path absolute (data, weights, the run folder): ``--resume`` works from anywhere."""
         values = cfg.to_dict()
-        if values.get("data"):
-            values["data"] = str(Path(values["data"]).expanduser().resolve())
+        for key in ("data", "weights", "out"):
+            if values.get(key):
+                values[key] = str(Path(values[key]).expanduser().resolve())
         atomic_write_json(self.config_file, values)
 
     def read_config(self) -> TrainConfig:
-        return TrainConfig.from_dict(self._json(self.config_file, "a `pneumo train` run folder"))
+        values = self._json(self.config_file, "a `pneumo train` run folder")
+        if not isinstance(values, dict):
+            raise PneumoError(f"{self.config_file}: not a training config (a JSON object is expected)")
+        try:
+            return TrainConfig.from_dict(values)
+        except PneumoError as exc:  # an edited or damaged config: name the file, not only the option
+            raise PneumoError(f"{self.config_file}: {exc}") from None
 
     # ------------------------------------------------------------------ split.json
     def write_split(self, split: SplitRecord) -> None:
@@ -220,27 +231,61 @@ class RunFolder:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: Path | None = None, **state: Any) -> None:
-        """``torch.save`` of a plain dict, written atomically (torch loads only here)."""
+        """``torch.save`` of a plain dict, written atomically (torch loads only here).
+
+        The run's own checkpoint keeps its predecessor as ``previous.pt``: a ``last.pt`` damaged on
+        disk later costs one epoch, not the run. The new file is complete before the old one moves.
+        """
         import torch
 
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        atomic_write(path or self.checkpoint_file, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+        path = path or self.checkpoint_file
+
+        def write(tmp: Path) -> None:
+            tmp.write_bytes(buffer.getvalue())
+            if path == self.checkpoint_file and path.exists():
+                os.replace(path, self.previous_checkpoint_file)
+
+        atomic_write(path, write)
 
     def load_checkpoint(self, path: Path | None = None) -> dict[str, Any]:
-        """A checkpoint read with ``weights_only=True`` (nothing unpickled); a damaged one is named."""
+        """A checkpoint read with ``weights_only=True`` (nothing unpickled); a damaged one is named.
+
+        The run's own: ``last.pt``, or ``previous.pt`` when a kill fell between their two renames."""
+        if path is None and not self.checkpoint_file.exists() and self.previous_checkpoint_file.exists():
+            return self._load(self.previous_checkpoint_file)
+        try:
+            return self._load(path or self.checkpoint_file)
+        except TrainingError as exc:
+            if path is not None or not self.previous_checkpoint_file.exists():
+                raise
+            try:
+                earlier = self._load(self.previous_checkpoint_file)
+            except TrainingError:
+                raise exc from None
+            epoch = earlier.get("epoch")
+            after = f" (epoch {epoch} of phase {earlier.get('phase', 0) + 1})" if isinstance(epoch, int) else ""
+            raise TrainingError(
+                f"{exc}; an earlier good checkpoint exists: {self.previous_checkpoint_file}{after}: "
+                f"delete {self.checkpoint_file} to resume from it"
+            ) from None
+
+    def _load(self, path: Path) -> dict[str, Any]:
         import torch
 
-        path = path or self.checkpoint_file
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise
         except Exception as exc:  # noqa: BLE001 - truncated zip, wrong format: the file is unusable
             raise TrainingError(
-                f"{path}: damaged checkpoint ({type(exc).__name__}); delete it to start the "
+                f"{path}: damaged checkpoint ({type(exc).__name__}: {str(exc)[:120]}); delete it to start the "
                 f"phase again, or restart the run in a new --out"
             ) from None
+        if not isinstance(state, dict):
+            raise TrainingError(f"{path}: not a pneumo checkpoint (a dict of tensors and states is expected)")
+        return state
 
     # ------------------------------------------------------------------ readers
     def _json(self, path: Path, what: str) -> Any:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from pneumo.compare.plots import write_outputs
 from pneumo.compare.summary import ARMS, summarise
+from pneumo.config import checked
 from pneumo.data.folders import Sample, discover, make_split
 from pneumo.errors import DataError, PneumoError
 from pneumo.io_utils import atomic_write_json
@@ -239,6 +240,7 @@ def run_compare(
         raise PneumoError(f"--fractions must lie in (0, 1], got {fractions}")
     if target_error is not None and not 0 < target_error < 1:
         raise PneumoError(f"--target-error is a rate in (0, 1) such as 0.08, not {target_error}")
+    image_size, device = checked("image_size", image_size), checked("device", device)  # as `pneumo train` checks them
     device_name = str(resolve_device(device))
     out = Path(out)
     dataset = discover(data)

@@ -113,14 +113,21 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Loaded
     try:
         backbone = get_backbone(meta.arch)
     except PneumoError as exc:
-        raise ModelError(f"{meta_file}: {exc}") from None
+        raise ModelError(f"{meta_file}: field 'arch': {exc}") from None
     net = XrayNet(backbone, len(meta.classes), meta.hidden, meta.dropout)
     try:
-        net.load_state_dict(load_file(str(weights_file)))
+        state = load_file(str(weights_file))
+        expected = net.state_dict()
+        missing = [k for k in expected if k not in state]
+        if missing or len(state) != len(expected):
+            raise ModelError(  # another backbone's weights, or model.json's arch edited
+                f"{len(missing)} of the {len(expected)} tensors {meta.arch} needs are missing (such as "
+                f"{missing[0] if missing else 'none'}) and {len(set(state) - set(expected))} are foreign"
+            )
+        net.load_state_dict(state)
     except Exception as exc:  # noqa: BLE001 - truncated, empty or foreign files: all unusable weights
-        raise ModelError(
-            f"{weights_file}: not usable weights for {meta.arch} ({type(exc).__name__}: {str(exc)[:200]})"
-        ) from None
+        why = " ".join(str(exc).split())[:200]  # one line: the CLI prints it as one
+        raise ModelError(f"{weights_file}: not usable weights for {meta.arch} ({type(exc).__name__}: {why})") from None
     device = torch.device(device)
     loaded = LoadedModel(net.to(device).eval(), meta, device)
     loaded.folder = folder

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pneumo.config import TrainConfig
-from pneumo.errors import PneumoError
+from pneumo.errors import PneumoError, TrainingError
 from pneumo.run_folder import RunFolder, SplitRecord
 from pneumo.training.events import Callback, EpochTable, MetricsCSV, Run, emit
 from pneumo.training.finish import RunResult, finish_run
@@ -35,6 +35,9 @@ from pneumo.training.setup import first_phase_name, prepare_run, timed
 from pneumo.training.tracking import make_trackers
 
 __all__ = ["StopRequested", "new_run_dir", "train"]
+
+
+CHECKPOINT_KEYS = {"phase", "epoch", "model", "optimizer", "generator", "torch_rng", "history"}
 
 
 class StopRequested(Exception):
@@ -73,8 +76,18 @@ def train(
             raise PneumoError(
                 f"--resume needs --out RUN_DIR of an earlier run (no config.json in {folder.path if folder else None})"
             )
+        given = sorted(set(options) - {"out"}) + (["data"] * (data is not None))
+        if given:  # never silently ignored: a resumed run is the run that was started
+            raise PneumoError(
+                f"--resume continues {folder.path} with the options it was started with; these cannot change: "
+                f"{', '.join(given)} (drop them, or start a new run with another --out)"
+            )
         cfg = folder.read_config()
+        cfg.out = str(folder.path)  # where it is now, wherever it was started from
         state = folder.load_checkpoint() if folder.has_started() else None
+        missing = sorted(CHECKPOINT_KEYS - set(state or {}))
+        if state is not None and missing:
+            raise TrainingError(f"{folder.checkpoint_file}: not a pneumo training checkpoint (no {', '.join(missing)})")
     else:
         cfg = TrainConfig.from_dict({**options, "data": str(data)})  # checked as it is made
         folder = RunFolder(new_run_dir(cfg))
@@ -108,7 +121,12 @@ def train(
     history: list[dict] = json.loads(state["history"]) if state else []
     run = Run(cfg, folder, setup, history, resumed=state is not None, progress=progress)
     if state:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except (RuntimeError, TypeError) as exc:  # another architecture's, or edited: never half-loaded
+            raise TrainingError(
+                f"{folder.checkpoint_file}: does not fit the run's {cfg.arch} ({str(exc).splitlines()[0][:160]})"
+            ) from None
     emit(callbacks, "on_run_start", run)
 
     # --- phases of one-cycle epochs, a checkpoint after each epoch -----------------------------------

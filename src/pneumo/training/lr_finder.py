@@ -8,6 +8,7 @@ ignores an early spike because it looks for the longest run of falling loss.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,26 @@ class LRFindResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: decode_s, ..., range_test_s, plot_s
 
 
+MIN_ITERATIONS = 3  # the suggesters need a curve, not a point
+
+
+def check_range(start_lr: float, end_lr: float, num_it: int, method: str) -> None:
+    """Refuse a ramp that cannot run, before any data is read (the options as ``pneumo lr-find`` spells them)."""
+    from pneumo.errors import PneumoError
+
+    def finite_positive(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    if not finite_positive(start_lr) or not finite_positive(end_lr):
+        raise PneumoError(f"--start-lr and --end-lr must be finite numbers above 0, not {start_lr!r} and {end_lr!r}")
+    if start_lr >= end_lr:
+        raise PneumoError(f"--start-lr ({start_lr:g}) must lie below --end-lr ({end_lr:g}): the ramp goes up")
+    if isinstance(num_it, bool) or not isinstance(num_it, int) or num_it < MIN_ITERATIONS:
+        raise PneumoError(f"--num-it must be an integer >= {MIN_ITERATIONS}, not {num_it!r}")
+    if method not in SUGGESTERS:
+        raise PneumoError(f"--suggest must be one of {', '.join(SUGGESTERS)}, not {method!r}")
+
+
 def range_test(
     step: Callable[[float], float],
     start_lr: float = 1e-7,
@@ -74,6 +95,7 @@ def range_test(
     method: str = "valley",
 ) -> LRFindResult:
     """Call ``step(lr) -> loss`` on an exponential ramp until the smoothed loss diverges."""
+    check_range(start_lr, end_lr, num_it, method)
     lrs: list[float] = []
     losses: list[float] = []
     avg, best = 0.0, float("inf")
@@ -142,6 +164,7 @@ def lr_find(
     from pneumo.training.setup import first_phase_name, prepare_run, timed
 
     cfg = TrainConfig.from_dict({**options, "data": str(data)})  # checked as it is made
+    check_range(start_lr, end_lr, num_it, method)
     out = Path(out or "runs/lr_find")
     out.mkdir(parents=True, exist_ok=True)
     setup = prepare_run(cfg, progress)
