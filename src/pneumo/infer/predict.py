@@ -15,9 +15,11 @@ from typing import IO
 import numpy as np
 
 from pneumo.data.cache import decode_images
-from pneumo.data.folders import discover, is_image_file, subtype_of
+from pneumo.data.folders import SPLIT_ALIASES, ChestXrayFolder, discover, is_image_file, subtype_of
+from pneumo.decision import describe_reading
 from pneumo.errors import DataError, PneumoError
 from pneumo.evaluation.metrics import evaluate_predictions, write_evaluation_figures
+from pneumo.evaluation.summary import Evaluation
 from pneumo.infer.model_folder import LoadedModel, load_model
 from pneumo.io_utils import atomic_write_json
 
@@ -38,7 +40,10 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
 def predict_files(
     model: str | Path | LoadedModel, paths: Sequence[str | Path], tta: bool = False, progress: bool = True
 ) -> list[dict]:
-    """One row per image: path, label, probability of that label, every class's probability, or error."""
+    """One row per image (``PREDICTION_COLUMNS``), or its path and error.
+
+    One meaning of probability: ``p_positive`` is p(positive class), compared with ``threshold``;
+    ``reading`` says so in words. ``p_<CLASS>`` columns give every class's probability."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     files = expand_paths(paths)
     probs, ok, errors = loaded.predict_paths(files, progress=progress, tta=tta)
@@ -48,23 +53,31 @@ def predict_files(
         if not good:
             rows.append({"path": str(path), "error": errors.get(str(path), "unreadable")})
             continue
+        positive = loaded.positive
         rows.append(
             {
                 "path": str(path),
                 "label": loaded.classes[label],
-                "probability": float(p[label]),
+                "positive_class": None if positive is None else loaded.classes[positive],
+                "p_positive": None if positive is None else float(p[positive]),
                 "threshold": loaded.threshold,
+                "reading": describe_reading(p, loaded.classes, positive, loaded.threshold),
                 **{f"p_{c}": float(v) for c, v in zip(loaded.classes, p)},
             }
         )
     return rows
 
 
+# The columns of ``pneumo predict --csv`` (then one p_<CLASS> per class, and error for unreadable files).
+PREDICTION_COLUMNS = ["path", "label", "positive_class", "p_positive", "threshold", "reading"]
+
+
 def write_predictions(rows: list[dict], fmt: str, stream: IO[str]) -> None:
     if fmt == "json":
         stream.write(json.dumps(rows, indent=2) + "\n")
         return
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "path", k != "label", k))
+    present = {k for r in rows for k in r}
+    keys = [k for k in PREDICTION_COLUMNS if k in present] + sorted(present - set(PREDICTION_COLUMNS))
     if fmt == "csv":
         writer = csv.DictWriter(stream, fieldnames=keys)
         writer.writeheader()
@@ -74,7 +87,7 @@ def write_predictions(rows: list[dict], fmt: str, stream: IO[str]) -> None:
         if "error" in r:
             stream.write(f"{r['path']}: ERROR {r['error']}\n")
         else:
-            stream.write(f"{r['path']}: {r['label']} (p={r['probability']:.3f})\n")
+            stream.write(f"{r['path']}: {r['label']} ({r['reading']})\n")
 
 
 def evaluate_model_on_folder(
@@ -85,7 +98,7 @@ def evaluate_model_on_folder(
     tta: bool = False,
     progress: bool = True,
     adapt: Callable[[LoadedModel, np.ndarray], tuple[LoadedModel, dict]] | None = None,
-) -> dict:
+) -> Evaluation:
     """Metrics of a saved model on labelled images, at its stored threshold and temperature.
 
     ``data`` is a folder of class folders (Kaggle's ``test``) or a Kaggle root, whose ``test`` split
@@ -97,7 +110,12 @@ def evaluate_model_on_folder(
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     dataset = discover(data)
-    chosen = split or ("test" if "test" in dataset.splits else dataset.splits[0] if len(dataset.splits) == 1 else None)
+    if dataset.layout != "kaggle":  # a folder of class folders is read whole
+        if split is not None:
+            raise DataError(f"{data}: --split picks a split of a Kaggle root; this folder holds class folders only")
+        chosen = dataset.splits[0]
+    else:
+        chosen = split or ("test" if "test" in dataset.splits else None)
     if chosen is None or chosen not in dataset.splits:
         raise DataError(f"{data}: choose a split with --split ({', '.join(dataset.splits)})")
     unknown = set(dataset.classes) - set(loaded.classes)
@@ -124,7 +142,10 @@ def evaluate_model_on_folder(
         subtypes=[subtype_of(s.path.name) for s in kept],
         groups=np.array([s.patient for s in kept]),
     )
-    report.update(data=str(dataset.root), split=chosen, model=loaded.meta.arch, skipped=errors)
+    report.update(
+        data=str(dataset.root), split=evaluated_split(dataset, chosen), model=loaded.meta.arch, skipped=errors
+    )
+    report["evaluated_on"] = f"{report['split']} ({dataset.root.name})"
     if adapted is not None:
         report["adapted"] = adapted
     if out:
@@ -132,14 +153,22 @@ def evaluate_model_on_folder(
         write_evaluation_figures(report, probs[ok], labels, out)
         atomic_write_json(out / "evaluation.json", report)
         report["figures"] = str(out)
-    return report
+    return Evaluation(report)
+
+
+def evaluated_split(dataset: ChestXrayFolder, chosen: str) -> str:
+    """The name of the evaluated split: the Kaggle split chosen, or for a folder of class folders
+    (which ``discover`` reads as one pool) the folder's own split name (``test``, ``valid``) when it
+    has one, else "all images" of it."""
+    if dataset.layout == "kaggle":
+        return chosen
+    return SPLIT_ALIASES.get(dataset.root.name.lower(), "all images")
 
 
 def format_evaluation(report: dict) -> str:
     m = report.get("metrics", {})
-    lines = [
-        f"{report.get('n', len(report.get('skipped', [])))} images from {report.get('data')} ({report.get('split')})"
-    ]
+    n = report.get("n", len(report.get("skipped", [])))
+    lines = [f"{n} images, split {report.get('split')}, from {report.get('data')}"]
     if "sensitivity" in m:
         ci = report.get("ci") or {}
         for key in ("accuracy", "error_rate", "sensitivity", "specificity", "ppv", "npv", "roc_auc"):
@@ -148,8 +177,12 @@ def format_evaluation(report: dict) -> str:
             interval = ci.get(key)
             extra = f"  (95% CI {interval[0]:.4f}-{interval[1]:.4f})" if interval else ""
             lines.append(f"  {key:<12} {m[key]:.4f}{extra}")
-        lines.append(f"  threshold    {report.get('threshold'):.3f}")
-        lines.append(f"  confusion    {report.get('confusion_matrix')} (rows actual, columns predicted)")
+        positive = report.get("positive_class", "the positive class")
+        lines.append(f"  threshold    {report.get('threshold'):.3f} (call {positive} when p({positive}) reaches it)")
+        lines.append(
+            f"  confusion    {report.get('confusion_matrix')} (rows actual, columns predicted; "
+            f"classes {', '.join(report.get('classes', []))})"
+        )
     else:
         lines += [f"  {k}: {v}" for k, v in m.items()]
     adapted = report.get("adapted")

@@ -40,10 +40,12 @@ from pydantic import BaseModel, Field
 from pneumo.audit.record import AuditTrail, FeedbackError, UnknownReading
 from pneumo.audit.schema import NOTE_MAX_CHARS
 from pneumo.data.imaging import open_image, prepare, to_grey_uint8
+from pneumo.decision import describe_reading
 from pneumo.errors import ImageError, PneumoError
 from pneumo.infer.explain import DEFAULT_CMAP, gradcam_heatmap
 from pneumo.infer.model_folder import LoadedModel, load_model
 from pneumo.plots import overlay_heatmap_array
+from pneumo.report.about import training_summary
 from pneumo.serve.limits import (
     ENVELOPE_BYTES,
     PIXEL_BUDGET,
@@ -117,10 +119,12 @@ def read_xray(model: LoadedModel, data: bytes, name: str, heatmap: bool, max_pix
     result: dict[str, Any] = {
         "filename": name,
         "label": model.classes[predicted],
-        "probability": float(probs[predicted]),
+        "probability": float(probs[predicted]),  # p(label); p_positive is the one the threshold is compared with
         "probabilities": {c: float(p) for c, p in zip(model.classes, probs)},
         "threshold": model.threshold,
         "positive_class": model.meta.positive_class,
+        "p_positive": None if model.positive is None else float(probs[model.positive]),
+        "reading": describe_reading(probs, model.classes, model.positive, model.threshold),
         "image": {"width": img.width, "height": img.height, "mode": img.mode},
         "heatmap_png_base64": None,
         "heatmap_class": None,
@@ -299,6 +303,7 @@ def create_app(
     budget = PixelBudget(pixel_budget, max_pixels)  # options first: a bad one fails before the model loads
     pool = InferencePool(inference_workers, queue_limit)
     model = load_model(model_dir)
+    trained_on = training_summary(model_dir, model.meta)  # said on the page beside every answer
     max_bytes = int(max_upload_mb * 2**20)
 
     @asynccontextmanager
@@ -366,6 +371,7 @@ def create_app(
             "max_image_pixels": max_pixels,
             "accepted": sorted(set(MAGIC.values())),
             "pneumo_version": model.meta.pneumo_version,
+            "trained_on": trained_on,
         }
 
     @app.post(

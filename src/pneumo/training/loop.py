@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from pneumo.config import TrainConfig
 from pneumo.errors import PneumoError
+from pneumo.nets.hub import check_weights_available
 from pneumo.run_folder import RunFolder, SplitRecord
 from pneumo.training.events import Callback, EpochTable, MetricsCSV, Run, emit
 from pneumo.training.finish import RunResult, finish_run
@@ -77,6 +78,7 @@ def train(
         state = folder.load_checkpoint() if folder.has_started() else None
     else:
         cfg = TrainConfig.from_dict({**options, "data": str(data)})  # checked as it is made
+        check_weights_available(cfg.arch, cfg.pretrained, cfg.weights)  # offline: before any data is read
         folder = RunFolder(new_run_dir(cfg))
         if folder.has_started():
             raise PneumoError(
