@@ -74,7 +74,7 @@ def interpret_run(run_dir: str | Path, out: str | Path | None = None, k: int = 9
         p_text = f"p({shown}) {p_shown:.2f}" if shown else f"p({pred}) {p_shown:.2f}"
         verdict = "wrong" if pred != actual else "right"
         titles.append(
-            f"read {pred}, actually {actual} ({verdict})\nloss {losses[i]:.2f}, {p_text}"
+            f"read {pred} ({verdict})\nactually {actual}\nloss {losses[i]:.2f}, {p_text}"
             + (f"\n({problem})" if problem else "")
         )
         colours.append(VERMILLION if pred != actual else "black")
