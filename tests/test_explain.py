@@ -19,6 +19,7 @@ from pneumo.infer.explain import explain_image, gradcam_heatmap
 from pneumo.infer.model_folder import LoadedModel, ModelMeta, load_model
 from pneumo.model_meta import write_model_meta
 from pneumo.nets.models import BACKBONES, create_model
+from pneumo.plots import film_box
 from pneumo.report.interpret import interpret_run
 from pneumo.run_folder import RunFolder, ValidPredictions
 
@@ -91,14 +92,23 @@ def test_explain_image_writes_overlay_at_original_resolution(
     trained_run: Path, fullres_image: Path, tmp_path: Path
 ) -> None:
     result = explain_image(trained_run / "model", fullres_image, tmp_path / "heat.png")
+    left, top, width, height = film_box(result["out"])  # the film, never covered by the title strip
     with Image.open(fullres_image) as original, Image.open(result["out"]) as overlay:
-        assert overlay.size == original.size and overlay.mode == "RGB"
-        assert overlay.size[0] > 500  # really full resolution, not the 64 px model input
+        assert (width, height) == original.size and overlay.mode == "RGB" and top > 0
+        assert overlay.width > width and overlay.height == height + top  # a colour bar beside, a title above
+        assert width > 500  # really full resolution, not the 64 px model input
+        assert overlay.text["pneumo:title"].startswith(f"read {result['label']}: p(PNEUMONIA)")
+    with pytest.raises(PneumoError, match="exists: pass --overwrite"):
+        explain_image(trained_run / "model", fullres_image, tmp_path / "heat.png")
+    again = explain_image(trained_run / "model", fullres_image, tmp_path / "heat.png", overwrite=True)
+    assert again["reading"] == result["reading"] and again._repr_png_()[:4] == b"\x89PNG"
     model = load_model(trained_run / "model")
     probs = model.probabilities(np.array(prepare(fullres_image, 64))[None])
     predicted = model.classes[int(model.decide(probs)[0])]
     assert result["label"] == predicted == result["target_class"]  # decided at the stored threshold
-    assert result["probability"] == pytest.approx(float(probs[0, model.classes.index(predicted)]), abs=1e-5)
+    p_pneumonia = float(probs[0, model.classes.index("PNEUMONIA")])
+    assert result["p_positive"] == pytest.approx(p_pneumonia, abs=1e-5) and result["positive_class"] == "PNEUMONIA"
+    assert f"p(PNEUMONIA) {100 * p_pneumonia:.1f} %" in result["reading"]
     assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert result["threshold"] == pytest.approx(model.meta.threshold)
     assert "grad-cam" in result["method"] and "efficientnet_lite0" in result["method"]
@@ -112,15 +122,20 @@ def test_chosen_class_alpha_and_errors(trained_run: Path, tmp_path: Path) -> Non
     other = next(c for c in ["NORMAL", "PNEUMONIA"] if c != default["label"])
     chosen = explain_image(model_dir, image, tmp_path / "chosen.png", target_class=other.lower(), alpha=0.6)
     assert chosen["target_class"] == other and chosen["label"] == default["label"]
-    a, b = (np.asarray(Image.open(tmp_path / n), dtype=np.int16) for n in ("default.png", "chosen.png"))
+    a, b = (
+        np.asarray(Image.open(tmp_path / n), dtype=np.int16)[film_box(tmp_path / n)[1] :][:, :300]
+        for n in ("default.png", "chosen.png")
+    )
     assert np.abs(a - b).mean() > 1.0  # a different class highlights different evidence
 
-    # alpha 0: the picture below the title strip is the X-ray itself, grey and untouched.
+    # alpha 0: the film, every row of it (the title sits above it), is the X-ray itself, untouched.
     explain_image(model_dir, image, tmp_path / "clear.png", alpha=0.0)
-    clear = np.asarray(Image.open(tmp_path / "clear.png"))
-    grey = np.asarray(Image.open(image).convert("L"))
-    lower = slice(clear.shape[0] // 4, None)
-    np.testing.assert_array_equal(clear[lower][..., 0], grey[lower])
+    left, top, width, height = film_box(tmp_path / "clear.png")
+    clear = np.asarray(Image.open(tmp_path / "clear.png"))[top : top + height, left : left + width]
+    np.testing.assert_array_equal(clear[..., 0], np.asarray(Image.open(image).convert("L")))
+    # in memory, no file: what a notebook shows inline
+    shown = explain_image(model_dir, image)
+    assert shown["out"] is None and shown.image.size == Image.open(tmp_path / "default.png").size
 
     with pytest.raises(PneumoError, match="NORMAL, PNEUMONIA"):
         explain_image(model_dir, image, tmp_path / "x.png", target_class="COVID")
@@ -176,8 +191,10 @@ def test_interpret_run_ranks_losses_and_respects_threshold(tmp_path: Path) -> No
     assert [t["path"] for t in top] == [str(paths[2]), str(paths[3]), str(paths[1])]
     assert [t["loss"] for t in top] == pytest.approx([-math.log(0.01), -math.log(0.2), -math.log(0.6)], rel=1e-4)
     assert (top[0]["actual"], top[0]["predicted"]) == ("NORMAL", "PNEUMONIA")
-    assert top[0]["probability"] == pytest.approx(0.99)
-    assert top[2]["predicted"] == "NORMAL" and top[2]["probability"] == pytest.approx(0.4)  # 0.6 < 0.7
+    # one meaning of probability: p(PNEUMONIA) against the threshold; p(actual) only where labelled so
+    assert top[0]["p_positive"] == pytest.approx(0.99) and top[0]["p_actual"] == pytest.approx(0.01)
+    assert top[2]["predicted"] == "NORMAL" and top[2]["p_positive"] == pytest.approx(0.6)  # 0.6 < 0.7
+    assert top[2]["reading"] == "p(PNEUMONIA) 60.0 %: below the 70.0 % needed to call PNEUMONIA"
     # rows actual, columns predicted: NORMAL 1 right 1 wrong; PNEUMONIA both called NORMAL
     assert result["confusion_matrix"] == [[1, 1], [2, 0]]
     for key in ("top_losses_png", "confusion_matrix_png"):

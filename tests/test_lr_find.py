@@ -99,18 +99,26 @@ def test_lr_find_on_the_sample_writes_its_plot(tmp_path):
     assert math.isfinite(result.losses[0])
 
 
-def test_lr_find_into_the_same_folder_on_other_data_recomputes_features(tmp_path):
-    """Stale features in a reused --out folder must never be read for another data set."""
+def test_lr_find_leaves_only_its_plot_and_keeps_features_per_data_set_in_the_cache(tmp_path, monkeypatch, capsys):
+    """No features file is left in --out (they are tens of MB); the shared cache keeps one per data
+    set, so another data set in the same --out never reads stale features. The sweep has a bar."""
+    from pneumo.data.cache import default_cache_dir
+
+    monkeypatch.setenv("PNEUMO_CACHE", str(tmp_path / "cache"))
     other = tmp_path / "other"
     for cls in ("NORMAL", "PNEUMONIA"):
         (other / cls).mkdir(parents=True)
         for f in sorted((SAMPLE / "train" / cls).glob("*.jpeg"))[:30]:
             (other / cls / f.name).symlink_to(f)
     first = lr_find(SAMPLE, out=tmp_path / "lr", image_size=48, progress=False, num_it=20)
-    second = lr_find(other, out=tmp_path / "lr", image_size=48, progress=False, num_it=20)
-    saved = torch.load(tmp_path / "lr" / "checkpoints" / "features.pt", weights_only=True)
-    assert saved["train"].shape[1] < 60  # the second data set's 48 training images, not the sample's 160
-    assert first.lrs != [] and second.lrs != []
+    second = lr_find(other, out=tmp_path / "lr", image_size=48, progress=True, num_it=20)
+    assert "LR sweep" in capsys.readouterr().err  # the bar over the range test itself
+    assert [p.name for p in (tmp_path / "lr").rglob("*")] == ["lr_find.png"]
+    cached = sorted(default_cache_dir().glob("features-*.pt"))
+    sizes = sorted(torch.load(f, weights_only=True)["train"].shape[1] for f in cached)
+    assert sizes[0] < 60 < sizes[-1] and len(cached) == 2  # the other set's 48 training images, the sample's 160
+    assert first.lrs != [] and second.lrs != [] and "suggestion" in repr(second)
+    assert second._repr_png_() == (tmp_path / "lr" / "lr_find.png").read_bytes()
 
 
 def test_lr_find_command_line_writes_its_plot_into_out(tmp_path, capsys):

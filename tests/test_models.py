@@ -35,6 +35,22 @@ def test_resnet50_offline_without_file_says_how_to_get_weights(monkeypatch):
         create_model("resnet50", pretrained="imagenet")
 
 
+def test_resnet50_without_network_fails_fast_after_one_probe(monkeypatch, tmp_path):
+    """No offline variable set, no hub cache, the hub unreachable: one probe, advice in under 2 s."""
+    import time
+
+    from pneumo.nets import hub
+
+    monkeypatch.delenv("PNEUMO_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "HUB_PROBE", ("127.0.0.1", 9))  # the discard port: nothing listens
+    start = time.perf_counter()
+    with pytest.raises(WeightsError, match="--weights FILE.*offline: 127.0.0.1:9 did not answer"):
+        create_model("resnet50", pretrained="imagenet")
+    assert time.perf_counter() - start < 2.0
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_local_resnet_checkpoint_is_loaded_with_summed_first_conv(tmp_path, suffix):
     reference = timm.create_model("resnet18", pretrained=False)  # a torchvision-named state dict

@@ -136,10 +136,35 @@ def test_heatmap_overlay_png_has_the_images_own_size_and_changes_pixels(tmp_path
     path = plots.plot_heatmap_overlay(
         grey, heat, tmp_path / "cam.png", alpha=0.4, cmap="viridis", title="PNEUMONIA 0.93"
     )
-    assert _png_size(path) == (shape[1], shape[0])
+    left, top, width, height = plots.film_box(path)
+    assert (width, height) == (shape[1], shape[0]) and top > 0  # the film at its own size, below the title
     with Image.open(path) as img:
         pixels = np.asarray(img.convert("RGB")).astype(int)
-    assert np.abs(pixels - grey[..., None]).mean() > 5
+        assert img.text["pneumo:title"] == "PNEUMONIA 0.93"
+    film = pixels[top : top + height, left : left + width]
+    assert np.abs(film - grey[..., None]).mean() > 5
+    bar = pixels[top : top + height, width + 4 :]  # the colour bar beside it: bright at the top, dark below
+    assert bar.shape[1] > 0 and bar[: height // 4].mean() > bar[-height // 4 :].mean()
+
+
+def test_reliability_dots_sit_at_mean_confidence_and_empty_bins_draw_nothing(monkeypatch, tmp_path):
+    drawn = {}
+    real = plots.save_figure
+
+    def keep(fig, path, dpi=plots.DPI):
+        drawn["ax"] = fig.axes[0]
+        return real(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    bins = [
+        {"bin_lo": 0.5, "bin_hi": 0.75, "confidence": 0.6, "accuracy": 0.5, "count": 4},
+        {"bin_lo": 0.75, "bin_hi": 1.0, "confidence": 0.9, "accuracy": 1.0, "count": 6},
+        {"bin_lo": 0.0, "bin_hi": 0.5, "confidence": None, "accuracy": None, "count": 0},
+    ]
+    plots.plot_reliability(bins, 0.07, tmp_path / "r.png")
+    dots = next(line for line in drawn["ax"].lines if line.get_label() == "at the bin's mean confidence")
+    assert list(dots.get_xdata()) == [0.6, 0.9] and list(dots.get_ydata()) == [0.5, 1.0]
+    assert len(drawn["ax"].patches) == 2  # one bar per filled bin, none for the empty one
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ import pneumo
 from pneumo.cli import main
 from pneumo.data.cache import decode_images
 from pneumo.data.imaging import prepare
-from pneumo.infer.predict import evaluate_model_on_folder, predict_files
+from pneumo.infer.model_folder import load_model
+from pneumo.infer.predict import PREDICTION_COLUMNS, evaluate_model_on_folder, predict_files
 from pneumo.nets.models import create_model
 from pneumo.training.loop import train
 
@@ -73,12 +74,28 @@ def test_predict_cli_formats_and_bad_files(model_dir, tmp_path, capsys):
     assert main(["predict", str(model_dir), *map(str, good), str(bad), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["path"] for r in rows] == [*map(str, good), str(bad)]
-    assert rows[0]["probability"] == rows[0][f"p_{rows[0]['label']}"]  # p of the label given
+    for row in rows[:2]:  # one meaning: p(PNEUMONIA) against the threshold, whatever the label
+        assert row["positive_class"] == "PNEUMONIA" and row["p_positive"] == row["p_PNEUMONIA"]
+        assert row["label"] == ("PNEUMONIA" if row["p_positive"] >= row["threshold"] else "NORMAL")
+        side = "at or above" if row["label"] == "PNEUMONIA" else "below"
+        assert row["reading"] == (
+            f"p(PNEUMONIA) {100 * row['p_positive']:.1f} %: {side} the {100 * row['threshold']:.1f} % "
+            "needed to call PNEUMONIA"
+        )
+        assert "probability" not in row  # the old column gave p(label): 0.86 beside NORMAL read as pneumonia
     assert rows[0]["p_NORMAL"] + rows[0]["p_PNEUMONIA"] == pytest.approx(1)
     assert "not an image" in rows[2]["error"]
     assert main(["predict", str(model_dir), str(SAMPLE / "test" / "NORMAL"), "--csv"]) == 0
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert len(table) == 30 and {"path", "label", "probability"} <= set(table[0])
+    assert len(table) == 30 and list(table[0])[:6] == PREDICTION_COLUMNS
+    assert main(["predict", str(model_dir), str(good[0])]) == 0
+    assert capsys.readouterr().out == f"{good[0]}: {rows[0]['label']} ({rows[0]['reading']})\n"
+    loaded = load_model(model_dir)
+    by_path, by_array = loaded.predict(good[0]), loaded.predict(np.asarray(Image.open(good[0]).convert("L")))
+    by_pil = loaded.predict(Image.open(good[0]))
+    assert by_path["p_positive"] == pytest.approx(rows[0]["p_positive"], abs=1e-6)
+    assert by_array["p_positive"] == pytest.approx(by_path["p_positive"], abs=1e-6) == by_pil["p_positive"]
+    assert repr(by_path) == f"Prediction({by_path['label']}: {by_path['reading']})"
     assert main(["predict", str(model_dir), str(bad)]) == 1  # nothing could be read
 
 
@@ -91,7 +108,12 @@ def test_evaluate_agrees_with_predict(model_dir, tmp_path, capsys):
     assert m["tp"] + m["fp"] == predicted_pos
     assert {p.name for p in (tmp_path / "ev").iterdir()} >= {"evaluation.json", "roc.png", "confusion_matrix.png"}
     assert main(["evaluate", str(model_dir), str(SAMPLE / "test"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["metrics"]["accuracy"] == m["accuracy"]
+    as_folder = json.loads(capsys.readouterr().out)
+    assert as_folder["metrics"]["accuracy"] == m["accuracy"]
+    assert as_folder["split"] == "test" and as_folder["evaluated_on"] == "test (test)"  # not "train"
+    assert main(["evaluate", str(model_dir), str(SAMPLE / "test")]) == 0
+    assert "60 images, split test, from" in capsys.readouterr().out
+    assert "Evaluation(test" in repr(report) and "<table>" in report._repr_html_()
 
 
 def test_evaluate_refuses_unknown_classes(model_dir, tmp_path):

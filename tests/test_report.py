@@ -121,11 +121,45 @@ def test_full_report_shows_the_numbers(full_run):
         "TP 3, FP 1, TN 4, FN 2",
     ]:
         assert text in page, text
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # config text is escaped
-    # Worst mistakes appear in order of loss; a missing file is noted, not fatal.
-    first, second, third = (page.index(n) for n in ("person1_virus_2.jpeg", "IM-0001.jpeg", "gone.jpeg"))
+    # config text is escaped (the data folder shows by its last name only: "script>")
+    assert "<td>script&gt;</td>" in page and "alert(1)" not in page
+    # Worst mistakes appear in order of loss, without file names (they identify patients); a missing
+    # file is noted, not fatal.
+    first, second, third = (page.index(n) for n in ("loss 1.20", "loss 0.92", "loss 0.80"))
     assert first < second < third
+    for name in ("person1_virus_2", "IM-0001", "gone.jpeg", str(full_run.parent)):
+        assert name not in page, name
     assert "7 of 10 image files were not found" in page
+    # one meaning of probability: p(PNEUMONIA) against the threshold on each card
+    assert "read <b>NORMAL</b>, actually PNEUMONIA<br>p(PNEUMONIA) 0.300 vs threshold 0.500" in page
+
+
+def test_report_leads_with_the_result_and_ends_with_the_configuration(full_run):
+    """Headline metrics with intervals and the small-validation warning first; a test evaluation stored
+    in the run folder is included; the configuration comes last."""
+    test_dir = full_run / "test"
+    probs = np.stack([1 - P10, P10], axis=1)
+    stored = ev.evaluate_predictions(probs, Y10, CLASSES, threshold=0.5, n_boot=50)
+    stored.update(split="test", evaluated_on="test (chest_xray)")
+    ev.write_evaluation_figures(stored, probs, Y10, test_dir)
+    (test_dir / "evaluation.json").write_text(json.dumps(stored))
+    folder = RunFolder(full_run)
+    valid = folder.read_evaluation()
+    valid["threshold_choice"] = {"method": "fixed:0.5", "interval": [0.2, 0.7], "warning": "too few films"}
+    folder.write_evaluation(valid)
+    page = write_report(full_run).read_text()
+    assert "≥ 0.500 (by fixed:0.5; 95% interval 0.200–0.700)" in page and "Threshold: too few films." in page
+    order = [
+        page.index("On 10 validation images, calling PNEUMONIA when p(PNEUMONIA) ≥ 0.500 (by fixed:0.5"),
+        page.index("accuracy <b>70.0%"),
+        page.index("Small validation set: 10 images"),
+        page.index("Confusion matrix: validation, threshold 0.500"),
+        page.index("Evaluation on test (chest_xray)"),
+        page.index("<h2>Training</h2>"),
+        page.index("Learning-rate finder"),
+        page.index("<h2>Configuration</h2>"),
+    ]
+    assert order == sorted(order)
 
 
 def test_reweighted_metrics_of_older_runs_are_read(full_run):
@@ -201,3 +235,10 @@ def test_report_and_interpret_agree_at_the_threshold(full_run):
     for row in interpreted["top_losses"]:
         assert reported[row["path"]] == row["predicted"]
     assert reported[preds.paths[5]] == "PNEUMONIA"
+
+
+def test_confusion_matrices_name_their_split_and_threshold():
+    validation = ev.evaluate_predictions(np.stack([1 - P10, P10], axis=1), Y10, CLASSES, threshold=0.42, n_boot=10)
+    assert ev.matrix_title(validation) == "Confusion matrix: validation\nPNEUMONIA when p(PNEUMONIA) \u2265 0.420"
+    tested = {**validation, "evaluated_on": "test (chest_xray)"}
+    assert ev.matrix_title(tested).startswith("Confusion matrix: test (chest_xray)\n")

@@ -76,6 +76,7 @@ def test_good_image_gives_label_probability_threshold_heatmap(
     probs = model.probabilities(np.array(prepare(data, 64))[None])
     assert body["label"] == model.classes[int(model.decide(probs)[0])]  # the stored threshold decides
     assert body["probability"] == pytest.approx(float(probs[0, model.classes.index(body["label"])]), abs=1e-5)
+    assert body["p_positive"] == body["probabilities"]["PNEUMONIA"] and body["reading"].startswith("p(PNEUMONIA) ")
     assert body["threshold"] == pytest.approx(model.meta.threshold)
     assert set(body["probabilities"]) == {"NORMAL", "PNEUMONIA"}
     assert body["image"] == {"width": 300, "height": 240, "mode": "L"}
@@ -162,6 +163,10 @@ def test_model_health_openapi_and_offline_pages(client: TestClient) -> None:
     info = client.get("/api/model").json()
     assert info["classes"] == ["NORMAL", "PNEUMONIA"] and info["image_size"] == 64
     assert info["arch"] == "efficientnet_lite0" and 0 < info["threshold"] < 1
+    trained = info["trained_on"]  # what the page says beside every answer
+    assert trained["data"] == "chest_xray" and trained["n_train"] + trained["n_valid"] == 200
+    assert trained["sentence"].startswith(f"Trained on {trained['n_train']} training images of chest_xray")
+    assert "demonstration model" in trained["sentence"] and "/" not in trained["sentence"]  # no paths
     assert client.get("/health").json()["status"] == "ok"
     schema = client.get("/openapi.json").json()
     assert "post" in schema["paths"]["/api/predict"] and "/api/model" in schema["paths"]

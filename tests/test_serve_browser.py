@@ -93,6 +93,8 @@ def test_page_reads_an_uploaded_xray(server: str, tmp_path: Path) -> None:
             page.wait_for_selector("#result:not([hidden])", timeout=60_000)
             label = page.inner_text("#label")
             probability = page.inner_text("#probability")
+            term = page.inner_text("#probability-term")
+            trained_on = page.inner_text("#trained-on")
             threshold = page.inner_text("#threshold")
             page.wait_for_function("document.getElementById('heatmap').naturalWidth > 0")
             heat_width = page.eval_on_selector("#heatmap", "img => img.naturalWidth")
@@ -108,8 +110,13 @@ def test_page_reads_an_uploaded_xray(server: str, tmp_path: Path) -> None:
         finally:
             browser.close()
     assert label == expected["label"]
-    assert probability == f"{100 * expected['probability']:.1f} %"
-    assert f"{expected['threshold']:.3f}" in threshold
+    # one meaning: p(PNEUMONIA) against the threshold, in words, whatever the label
+    p, t = expected["probabilities"]["PNEUMONIA"], expected["threshold"]
+    side = "at or above" if p >= t else "below"
+    assert term == "p(PNEUMONIA)"
+    assert probability == f"{100 * p:.1f} % \u2013 {side} the {100 * t:.1f} % needed to call PNEUMONIA"
+    assert f"{100 * t:.1f} % on p(PNEUMONIA)" in threshold
+    assert trained_on.startswith("Trained on ") and "training images of chest_xray" in trained_on
     assert heat_width == 224  # the sample image's own width
     assert outside == [], f"the page fetched from outside the server: {outside}"
     assert not [e for e in console_errors if "415" not in e], console_errors

@@ -24,6 +24,7 @@ from pneumo.config import (
     option_flag,
 )
 from pneumo.errors import PneumoError
+from pneumo.nets.hub import check_weights_available
 from pneumo.version import __version__
 
 SAMPLE_DATA = Path(__file__).parent / "sample_data" / "chest_xray"
@@ -70,7 +71,8 @@ def training_options(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
     options = training_options(args, "lr-find")
-    TrainConfig.from_dict({**options, "data": args.data})  # a mistyped option fails before any data is read
+    cfg = TrainConfig.from_dict({**options, "data": args.data})  # a mistyped option fails before any data is read
+    check_weights_available(cfg.arch, cfg.pretrained, cfg.weights)  # offline: before torch is even imported
     from pneumo.training.lr_finder import lr_find
 
     result = lr_find(
@@ -126,7 +128,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             if options.get("unfreeze_epochs") == 0:
                 raise PneumoError("--unfreeze asks for fine-tuning but --unfreeze-epochs is 0; drop one of them")
             options.setdefault("unfreeze_epochs", DEFAULT_UNFREEZE_EPOCHS)
-        TrainConfig.from_dict({**options, "data": args.data})  # a mistyped option fails before any data is read
+        cfg = TrainConfig.from_dict({**options, "data": args.data})  # a mistyped option fails before any data is read
+        check_weights_available(cfg.arch, cfg.pretrained, cfg.weights)  # offline: before torch is even imported
         from pneumo.training.loop import train
 
         result = train(args.data, progress=not args.json, track=args.track, **options)
@@ -142,7 +145,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(summary)
     else:
+        from pneumo.report.about import training_summary
+
         print(f"run folder: {result.run_dir}\nmodel: {result.model_dir}")
+        print(training_summary(result.model_dir)["sentence"])
         print_validation(result.evaluation)
     return 0
 
@@ -231,14 +237,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from pneumo.infer.explain import explain_image
+    from pneumo.infer.explain import default_out, explain_image
 
     result = explain_image(
-        args.model, args.image, args.out, target_class=args.target_class, alpha=args.alpha, cmap=args.cmap
+        args.model,
+        args.image,
+        default_out(args.image, args.out),
+        target_class=args.target_class,
+        alpha=args.alpha,
+        cmap=args.cmap,
+        overwrite=args.overwrite,
     )
     emit_json(result) if args.json else print(
-        f"{result['label']} (p={result['probability']:.3f}); heatmap for {result['target_class']} "
-        f"written to {result['out']}"
+        f"{result['label']}: {result['reading']}\nGrad-CAM for {result['target_class']} written to {result['out']}"
     )
     return 0
 
@@ -355,6 +366,23 @@ def cmd_models(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # parser
 # --------------------------------------------------------------------------------------------
+TTA_HELP = (
+    "test-time augmentation: average each image's prediction with its left-right mirror's "
+    "(about twice the time; the model's threshold was chosen without it unless trained with --tta)"
+)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after an option's help, unless the help already says its default or
+    there is none to say (flags, and options whose unset value means "decided later")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
@@ -451,6 +479,7 @@ def add_runtime_argument(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pneumo",
+        formatter_class=HelpFormatter,
         description="Transfer learning on chest X-rays: check the data, "
         "split it by patient, find a learning rate, train, evaluate, explain, serve.",
     )
@@ -458,11 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.set_defaults(handler=handler)
         return p
 
-    data = sub.add_parser("data", help="inspect a data set", description="inspect a data set")
+    data = sub.add_parser(
+        "data", help="inspect a data set", description="inspect a data set", formatter_class=HelpFormatter
+    )
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = data_sub.add_parser(
         "check",
@@ -470,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check a data set: counts per split and class, image sizes, unreadable "
         "files, exact duplicates, patients in more than one split. Exits 1 "
         "when a problem would corrupt training.",
+        formatter_class=HelpFormatter,
     )
     p.set_defaults(handler=cmd_data_check)
     p.add_argument("path", help="Kaggle 'chest_xray' folder or a folder of class folders")
@@ -479,22 +511,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = command("show-batch", cmd_show_batch, "write a grid of augmented training images with their labels")
-    p.add_argument("path")
-    p.add_argument("--out", default="batch.png")
-    p.add_argument("--rows", type=int, default=3)
-    p.add_argument("--cols", type=int, default=None, help="default: as many as rows")
-    p.add_argument("--image-size", type=int, default=TrainConfig.image_size)
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("path", help="Kaggle 'chest_xray' folder or a folder of class folders (its train split is drawn)")
+    p.add_argument("--out", default="batch.png", help="PNG file to write")
+    p.add_argument("--rows", type=int, default=3, help="rows of images in the grid")
+    p.add_argument("--cols", type=int, default=None, help="columns of images (default: as many as rows)")
+    p.add_argument("--image-size", type=int, default=TrainConfig.image_size, help="side in pixels, as training sees it")
+    p.add_argument(
+        "--no-augment", action="store_true", help="show the images as decoded, without training's augmentation"
+    )
+    p.add_argument("--seed", type=int, default=0, help="which images are drawn and how they are augmented")
 
     p = command("lr-find", cmd_lr_find, "LR range test: plot loss against learning rate, suggest one")
     p.add_argument("data", help=FIELDS["data"].metadata["help"])
-    p.add_argument("--out", default=None, help="folder for lr_find.png (default runs/lr_find)")
-    p.add_argument("--start-lr", type=float, default=1e-7)
-    p.add_argument("--end-lr", type=float, default=10.0)
-    p.add_argument("--num-it", type=int, default=100)
-    p.add_argument("--suggest", choices=["valley", "steep", "minimum"], default="valley")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for lr_find.png (default: runs/lr_find); the features it computes are kept only in the "
+        "shared cache, where pneumo train finds them",
+    )
+    p.add_argument("--start-lr", type=float, default=1e-7, help="learning rate of the first step")
+    p.add_argument(
+        "--end-lr", type=float, default=10.0, help="learning rate of the last step, if the loss has not diverged"
+    )
+    p.add_argument("--num-it", type=int, default=100, help="steps of the exponential LR ramp")
+    p.add_argument(
+        "--suggest",
+        choices=["valley", "steep", "minimum"],
+        default="valley",
+        help="rule for the suggestion: valley (fastai's: the middle of the longest fall), steep "
+        "(fastest fall) or minimum (a tenth of the LR at the lowest loss)",
+    )
+    p.add_argument("--json", action="store_true", help="print the suggestions and the curve as JSON")
     add_training_arguments(p, "lr-find")
 
     p = command(
@@ -508,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --out from its last checkpoint, with the options it was started with",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the run folder, history and validation metrics as JSON")
     p.add_argument(
         "--track",
         action="append",
@@ -527,10 +574,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("evaluate", cmd_evaluate, "error rate, sensitivity, specificity, PPV, NPV, ROC-AUC on a folder")
     p.add_argument("model", help="model folder (RUN/model) or run folder")
     p.add_argument("data", help="folder of class folders, or a Kaggle root (its test split is used)")
-    p.add_argument("--split", default=None, help="with a Kaggle root: test (default), train or valid")
-    p.add_argument("--out", default=None, help="folder for the JSON and PNG figures")
-    p.add_argument("--tta", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="with a Kaggle root: test (default), train or valid; a folder of class folders is read whole",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for evaluation.json and the figures; RUN/test keeps it in the run's report",
+    )
+    p.add_argument("--tta", action="store_true", help=TTA_HELP)
+    p.add_argument("--json", action="store_true", help="print the evaluation as JSON")
     add_adapt_arguments(p, evaluate=True)
 
     p = command(
@@ -546,12 +601,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapt_arguments(p, evaluate=False)
 
     p = command("predict", cmd_predict, "label and probability for image files or folders")
-    p.add_argument("model")
-    p.add_argument("paths", nargs="+")
+    p.add_argument("model", help="model folder (RUN/model) or run folder")
+    p.add_argument("paths", nargs="+", help="image files, or folders searched recursively")
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true")
-    fmt.add_argument("--csv", action="store_true")
-    p.add_argument("--tta", action="store_true")
+    fmt.add_argument(
+        "--json",
+        action="store_true",
+        help="one object per image: label, p_positive (p of the positive class), threshold, reading, p_CLASS",
+    )
+    fmt.add_argument("--csv", action="store_true", help="the same as CSV, one row per image")
+    p.add_argument("--tta", action="store_true", help=TTA_HELP)
     add_audit_arguments(p)
     add_runtime_argument(p)
 
@@ -563,37 +622,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("runs", nargs="+", help="finished run folders (same data, split and seed)")
     p.add_argument("--out", required=True, help="folder for the ensemble (its model folder is OUT/model)")
-    p.add_argument("--threshold", default="youden", help="youden | sensitivity:0.95 | fixed:0.5")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--threshold", default="youden", help="rule for the threshold: youden | sensitivity:0.95 | fixed:0.5"
+    )
+    p.add_argument("--json", action="store_true", help="print the ensemble's validation as JSON")
 
     p = command("report", cmd_report, "one offline HTML page summarising a training run")
-    p.add_argument("run")
-    p.add_argument("--out", default=None)
+    p.add_argument("run", help="run folder written by pneumo train")
+    p.add_argument("--out", default=None, help="HTML file to write (default: RUN/report.html)")
 
     p = command("explain", cmd_explain, "Grad-CAM heatmap over the X-ray at its own resolution")
-    p.add_argument("model")
-    p.add_argument("image")
-    p.add_argument("--out", default="heat.png")
-    p.add_argument("--class", dest="target_class", default=None, help="class to explain (default: predicted)")
+    p.add_argument("model", help="model folder (RUN/model) or run folder")
+    p.add_argument("image", help="the X-ray (JPEG or PNG)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="PNG to write, or a folder for it (default: IMAGE_gradcam.png in the current folder, named after "
+        "the image; never beside it, where it would join a class folder)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (else pneumo refuses)")
+    p.add_argument("--class", dest="target_class", default=None, help="class to explain (default: the predicted one)")
     p.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity, 0..1")
     p.add_argument(
         "--cmap",
         default=HEATMAP_CMAP,
         help="matplotlib colormap (default %(default)s: perceptually uniform, colour-blind safe)",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the reading and the output file as JSON")
 
     p = command("interpret", cmd_interpret, "top losses and confusion matrix of a run's validation set")
-    p.add_argument("run")
-    p.add_argument("--out", default=None)
-    p.add_argument("--k", type=int, default=9)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("run", help="run folder written by pneumo train")
+    p.add_argument("--out", default=None, help="folder for top_losses.png and confusion_matrix.png (default: RUN)")
+    p.add_argument("--k", type=int, default=9, help="how many of the highest-loss images to show")
+    p.add_argument("--json", action="store_true", help="print the top losses and the matrix as JSON")
 
     p = command("serve", cmd_serve, "web page and JSON API for reading an X-ray")
-    p.add_argument("model")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=port_number, default=8000)
-    p.add_argument("--max-upload-mb", type=float, default=20.0)
+    p.add_argument("model", help="model folder (RUN/model) or run folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted, in MB")
     p.add_argument("--workers", type=int, default=2, help="inference threads")
     p.add_argument("--queue", type=int, default=32, help="requests allowed to wait before 503")
     p.add_argument("--max-megapixels", type=float, default=36.0, help="larger images are refused (413)")
@@ -661,20 +728,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model folder (RUN/model) or run folder")
 
     p = command("compare", cmd_compare, "does transfer learning pay? pretrained vs scratch over data sizes")
-    p.add_argument("data")
-    p.add_argument("--arch", nargs="+", default=["efficientnet_lite0"])
-    p.add_argument("--fractions", type=floats, default=[0.02, 0.05, 0.1, 0.25, 0.5, 1.0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--target-error", type=float, default=None, help="default: chosen from the results")
-    p.add_argument("--weights", default=None)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="runs/compare")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("data", help="training folder (Kaggle root or class folders); validation is split from it")
+    p.add_argument("--arch", nargs="+", default=["efficientnet_lite0"], help="backbones to compare (see pneumo models)")
+    p.add_argument(
+        "--fractions",
+        type=floats,
+        default=[0.02, 0.05, 0.1, 0.25, 0.5, 1.0],
+        help="comma-separated shares of the training images to train on",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="repeats per arch, fraction and start")
+    p.add_argument("--epochs", type=int, default=8, help="epochs per run")
+    p.add_argument(
+        "--target-error",
+        type=float,
+        default=None,
+        help="error rate for the time-to-target comparison (default, per training-set size: the worse method's "
+        "final error plus 2 points, or the better's when the worse is no better than chance; said in the answer)",
+    )
+    p.add_argument("--weights", default=None, help="ImageNet weights file for a ResNet offline (.pth or .safetensors)")
+    p.add_argument("--image-size", type=int, default=224, help="square side in pixels")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", default="runs/compare", help="folder for the runs, results and report")
+    p.add_argument("--json", action="store_true", help="print the results and the answer as JSON")
 
     p = command("models", cmd_models, "list the supported backbones and where their weights come from")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
     return parser
 
 

@@ -146,7 +146,13 @@ class TrainConfig:
     # --- recipe: the tutorial's fit_one_cycle(8, 3e-3) with the body frozen but for its last two
     # stages, class-balanced loss, two cached views per image: the winner of bench/experiments/recipe.md
     epochs: int = option(8, "first phase: body frozen but for its last stages", ge=0, train_only=True)
-    lr: float = option(3e-3, "one-cycle peak learning rate", gt=0, train_only=True)
+    lr: float = option(
+        3e-3,
+        "one-cycle peak learning rate; the default was measured best on the full Kaggle data "
+        "(bench/experiments/recipe.md); `pneumo lr-find` suggests one for other data",
+        gt=0,
+        train_only=True,
+    )
     batch_size: int = option(64, "images per step (BatchNorm in the head needs two)", ge=2)
     weight_decay: float = option(0.01, "decoupled weight decay (AdamW), as fastai", ge=0)
     unfreeze_epochs: int = option(0, "then fine-tune the whole net with discriminative LRs", ge=0, train_only=True)
@@ -177,7 +183,12 @@ class TrainConfig:
     class_balance: str = option("weights", "loss weights inverse to class frequency, or none", choices=BALANCE)
     # --- decisions --------------------------------------------------------------------------------
     threshold: str = option("youden", "how validation sets the decision threshold", check=_threshold, train_only=True)
-    tta: bool = option(False, "average predictions over flipped copies at evaluation", train_only=True)
+    tta: bool = option(
+        False,
+        "test-time augmentation: validation averages each image's prediction with its left-right mirror's "
+        "(about twice the inference time)",
+        train_only=True,
+    )
     # --- machinery --------------------------------------------------------------------------------
     seed: int = option(42, "seeds the split, the head, augmentation and batch order", ge=0, le=MAX_SEED)
     device: str = option("auto", "auto: a CUDA GPU if there is one", check=_device)

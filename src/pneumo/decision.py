@@ -45,3 +45,23 @@ def decide(probs: np.ndarray, positive: int | None, threshold: float | None) -> 
     if positive is not None and threshold is not None and probs.shape[1] == 2:
         return np.where(probs[:, positive] >= threshold, positive, 1 - positive)
     return probs.argmax(axis=1)
+
+
+def describe_reading(probs: np.ndarray, classes: list[str], positive: int | None, threshold: float | None) -> str:
+    """One film's decision in words, with the one meaning of probability pneumo uses everywhere:
+    p(positive class) against the threshold ("p(PNEUMONIA) 68.6 %: below the 76.4 % needed to call
+    PNEUMONIA"); a model without a threshold names its most probable class."""
+    probs = np.asarray(probs, dtype=float)
+    if positive is not None and threshold is not None and len(probs) == 2:
+        p, name = float(probs[positive]), classes[positive]
+        side = "at or above" if p >= threshold else "below"
+        return f"p({name}) {100 * p:.1f} %: {side} the {100 * threshold:.1f} % needed to call {name}"
+    top = int(probs.argmax())
+    return f"{classes[top]} is the most probable class ({100 * float(probs[top]):.1f} %)"
+
+
+def describe_rule(classes: list[str], positive: int | None, threshold: float | None) -> str:
+    """The decision rule in words: "PNEUMONIA when p(PNEUMONIA) >= 76.4 %"."""
+    if positive is None or threshold is None:
+        return "the most probable class wins"
+    return f"{classes[positive]} when p({classes[positive]}) \u2265 {100 * threshold:.1f} %"

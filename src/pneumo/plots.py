@@ -18,6 +18,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from pneumo.errors import PneumoError
 from pneumo.io_utils import atomic_write
@@ -183,21 +184,30 @@ def plot_roc(
 
 
 def plot_reliability(bins: Sequence[dict], ece: float, path: str | Path) -> Path:
-    """Reliability diagram (accuracy per confidence bin against the diagonal) over a count histogram."""
+    """Reliability diagram over a count histogram: for each non-empty confidence bin, a bar of its
+    accuracy and a dot at (its images' mean confidence, their accuracy), joined to the diagonal by the
+    gap. Empty bins draw nothing (an empty bin has no accuracy, not an accuracy of 0)."""
     fig, (ax, ax_n) = subplots(2, 1, figsize=(5.2, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    lo = np.array([b["bin_lo"] for b in bins], dtype=float)
-    width = np.array([b["bin_hi"] - b["bin_lo"] for b in bins], dtype=float)
-    filled = [b.get("count", 0) > 0 and b.get("accuracy") is not None for b in bins]
-    acc = np.array([b["accuracy"] if f else 0.0 for b, f in zip(bins, filled)], dtype=float)
-    conf = np.array([b["confidence"] if f else np.nan for b, f in zip(bins, filled)], dtype=float)
-    counts = np.array([b.get("count", 0) for b in bins], dtype=float)
+    filled = [b for b in bins if b.get("count", 0) > 0 and b.get("accuracy") is not None]
+    lo = np.array([b["bin_lo"] for b in filled], dtype=float)
+    width = np.array([b["bin_hi"] - b["bin_lo"] for b in filled], dtype=float)
+    acc = np.array([b["accuracy"] for b in filled], dtype=float)
+    conf = np.array([b["confidence"] for b in filled], dtype=float)
     ax.plot([0, 1], [0, 1], ls="--", color=GREY, lw=1, label="perfect calibration")
-    ax.bar(lo, acc, width=width, align="edge", color=BLUE, edgecolor="white", alpha=0.85, label="accuracy")
-    ax.plot(conf, acc, "o", color=ORANGE, ms=5, label="mean confidence")
+    ax.bar(lo, acc, width=width, align="edge", color=BLUE, edgecolor="white", alpha=0.55, label="accuracy of the bin")
+    ax.vlines(conf, np.minimum(acc, conf), np.maximum(acc, conf), color=VERMILLION, lw=1.5, label="gap")
+    ax.plot(conf, acc, "o", color=ORANGE, mec="black", ms=6, label="at the bin's mean confidence")
     ax.set(ylim=(0, 1), ylabel="accuracy", title=f"Reliability (ECE = {ece:.3f})")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", fontsize=9)
-    ax_n.bar(lo, counts, width=width, align="edge", color=GREY, edgecolor="white")
+    ax.legend(loc="upper left", fontsize=8)
+    ax_n.bar(
+        [b["bin_lo"] for b in bins],
+        [b.get("count", 0) for b in bins],
+        width=[b["bin_hi"] - b["bin_lo"] for b in bins],
+        align="edge",
+        color=GREY,
+        edgecolor="white",
+    )
     ax_n.set(xlim=(0, 1), xlabel="confidence (top-class probability)", ylabel="images")
     return save_figure(fig, path)
 
@@ -255,6 +265,68 @@ def overlay_heatmap_array(image_grey: np.ndarray, heat: np.ndarray, alpha: float
     return np.clip((1.0 - alpha) * base + alpha * colour + 0.5, 0, 255).astype(np.uint8)
 
 
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def heatmap_overlay_image(
+    image_grey: np.ndarray, heat: np.ndarray, alpha: float = 0.4, *, cmap: str, title: str | None = None
+) -> Image.Image:
+    """Grad-CAM style overlay with the film at its own pixel size (no axes, no resampling).
+
+    Nothing is drawn over the film: the title sits in a strip above it and a colour bar (the heat
+    map's scale, 0 to its maximum) beside it. Made with PIL rather than a matplotlib figure, so the
+    film's pixels are exact. ``info`` keeps the title (``pneumo:title``) and where the film lies
+    (``pneumo:film``, "left,top,width,height"); ``save_overlay`` writes both into the PNG.
+    """
+    film = Image.fromarray(overlay_heatmap_array(image_grey, heat, alpha, cmap=cmap), mode="RGB")
+    w, h = film.size
+    size = max(10, min(h, w) // 28)
+    font = _font(size)
+    measure = ImageDraw.Draw(film)
+    bar_w, gap = max(6, size), max(4, size // 2)
+    label_w = max(measure.textbbox((0, 0), t, font=font)[2] for t in ("max", "0")) + gap
+    width = w + gap + bar_w + label_w
+    lines = _wrap(title or "", lambda t: measure.textlength(t, font=font), width - 8)
+    line_h = measure.textbbox((0, 0), "Ag", font=font)[3] + 3
+    strip = line_h * len(lines) + 6 if lines else 0
+    canvas = Image.new("RGB", (width, h + strip), (20, 20, 20))
+    canvas.paste(film, (0, strip))
+    ramp = np.linspace(1.0, 0.0, h)[:, None].repeat(bar_w, axis=1)  # top = strongest evidence
+    bar = (matplotlib.colormaps[cmap](ramp)[..., :3] * 255).astype(np.uint8)
+    canvas.paste(Image.fromarray(bar, mode="RGB"), (w + gap, strip))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((w + gap + bar_w + gap // 2, strip), "max", fill=(255, 255, 255), font=font)
+    draw.text((w + gap + bar_w + gap // 2, strip + h - size - 2), "0", fill=(255, 255, 255), font=font)
+    for i, line in enumerate(lines):
+        draw.text((4, 3 + i * line_h), line, fill=(255, 255, 255), font=font)
+    canvas.info.update({"pneumo:title": title or "", "pneumo:film": f"0,{strip},{w},{h}"})
+    return canvas
+
+
+def _wrap(text: str, width_of: Any, limit: float) -> list[str]:
+    """Words greedily on lines no wider than ``limit`` (a word longer than that gets its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and width_of(f"{lines[-1]} {word}") <= limit:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def save_overlay(image: Image.Image, path: str | Path) -> Path:
+    """Write an overlay as PNG atomically, its ``pneumo:`` notes as text chunks."""
+    info = PngInfo()
+    for key, value in image.info.items():
+        if str(key).startswith("pneumo:"):
+            info.add_text(key, str(value))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
 def plot_heatmap_overlay(
     image_grey: np.ndarray,
     heat: np.ndarray,
@@ -264,20 +336,38 @@ def plot_heatmap_overlay(
     cmap: str,
     title: str | None = None,
 ) -> Path:
-    """Grad-CAM style overlay saved at the image's own pixel size (no axes, no resampling).
+    """``heatmap_overlay_image`` written to ``path``."""
+    return save_overlay(heatmap_overlay_image(image_grey, heat, alpha, cmap=cmap, title=title), path)
 
-    Written with PIL rather than a matplotlib figure, so the size is exact; a title is burned
-    into a dark strip along the top edge.
-    """
-    rgb = Image.fromarray(overlay_heatmap_array(image_grey, heat, alpha, cmap=cmap), mode="RGB")
-    if title:
-        draw = ImageDraw.Draw(rgb, "RGBA")
-        size = max(10, rgb.height // 20)
-        try:
-            font = ImageFont.load_default(size=size)
-        except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-            font = ImageFont.load_default()
-        box = draw.textbbox((4, 2), title, font=font)
-        draw.rectangle((0, 0, rgb.width, box[3] + 3), fill=(0, 0, 0, 160))
-        draw.text((4, 2), title, fill=(255, 255, 255, 255), font=font)
-    return atomic_write(path, lambda tmp: rgb.save(tmp, format="PNG"))
+
+def film_box(path: str | Path) -> tuple[int, int, int, int] | None:
+    """(left, top, width, height) of the film inside an overlay written by ``plot_heatmap_overlay``."""
+    with Image.open(path) as img:
+        text = getattr(img, "text", {}).get("pneumo:film")
+    return tuple(int(v) for v in text.split(",")) if text else None  # type: ignore[return-value]
+
+
+class Picture:
+    """A PNG figure as a Python value: a notebook shows it inline (``_repr_png_``), a REPL prints its
+    size and file. What the notebook-facing functions of ``pneumo`` return instead of a bare path."""
+
+    def __init__(self, png: bytes, path: str | Path | None = None):
+        self.png, self.path = png, None if path is None else Path(path)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Picture:
+        return cls(Path(path).read_bytes(), path)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        import io
+
+        with Image.open(io.BytesIO(self.png)) as img:
+            return img.size
+
+    def _repr_png_(self) -> bytes:
+        return self.png
+
+    def __repr__(self) -> str:
+        where = f" at {self.path}" if self.path else ""
+        return f"<Picture {self.size[0]}x{self.size[1]} PNG{where}>"

@@ -42,21 +42,47 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
+TARGET_MARGIN = 0.02  # the automatic target sits 2 points above the worse method's final error
+
+
+def automatic_target(finals: dict[str, float], chance: float) -> tuple[float, str]:
+    """A fraction's target error and the reason, from each method's mean final error.
+
+    The worse method's final error plus ``TARGET_MARGIN``: a level both reach, so the times compare
+    like with like. When that is no better than ``chance`` (always answering the majority class) the
+    time to it means nothing, so the better method's final error plus the margin is used instead,
+    and the worse method is reported as not reaching it."""
+    worst, best = max(finals, key=finals.get), min(finals, key=finals.get)
+    target = math.ceil((finals[worst] + TARGET_MARGIN) * 1000 - 1e-6) / 1000
+    if target < chance - 0.005:
+        return target, f"{fmt_pct(target)}: the worse final error ({fmt_pct(finals[worst])}, {worst}) plus 2 points"
+    target = math.ceil((finals[best] + TARGET_MARGIN) * 1000 - 1e-6) / 1000
+    return target, (
+        f"{fmt_pct(target)}: {worst} ends no better than chance ({fmt_pct(chance)}), so the better final error "
+        f"({fmt_pct(finals[best])}, {best}) plus 2 points"
+    )
+
+
 def summarise(records: Sequence[dict], target_error: float | None = None) -> dict:
     """One table row per (fraction, arch, arm), the target error per fraction, and the answer.
 
-    With no ``target_error``, a fraction's target is the highest best error of any of its runs
-    (rounded up to 0.1 point): a level every run reaches, so the times compare like with like.
-    The budget is the mean training time of the cheapest method at that fraction.
+    With no ``target_error``, a fraction's target comes from ``automatic_target`` (said in the answer,
+    ``target_rules``). The budget is the mean training time of the cheapest method at that fraction.
     """
     methods = by_method(records)
     fractions = sorted({r["fraction"] for r in records})
-    targets, budgets = {}, {}
+    counts = records[0].get("n_valid_per_class") or {}
+    majority = 1 - max(counts.values()) / sum(counts.values()) if counts else None
+    chance = majority if majority is not None else 0.5
+    targets, budgets, rules = {}, {}, {}
     for f in fractions:
-        cells = [runs[f] for runs in methods.values() if f in runs]
-        worst_best = max(r["best_error"] for rs in cells for r in rs)
-        targets[f] = target_error if target_error is not None else math.ceil(worst_best * 1000 - 1e-6) / 1000
-        budgets[f] = min(np.mean([r["train_s"] for r in rs]) for rs in cells)
+        cells = {f"{arch} {arm}": runs[f] for (arch, arm), runs in methods.items() if f in runs}
+        if target_error is not None:
+            targets[f], rules[f] = target_error, f"{fmt_pct(target_error)}: given with --target-error"
+        else:
+            finals = {name: float(np.mean([r["final_error"] for r in rs])) for name, rs in cells.items()}
+            targets[f], rules[f] = automatic_target(finals, chance)
+        budgets[f] = min(np.mean([r["train_s"] for r in rs]) for rs in cells.values())
     table = []
     for f in fractions:
         for (arch, arm), runs in methods.items():
@@ -86,9 +112,13 @@ def summarise(records: Sequence[dict], target_error: float | None = None) -> dic
                     "error_at_budget": _mean([error_within(r, budgets[f]) for r in rs]),
                 }
             )
-    counts = records[0].get("n_valid_per_class") or {}
-    majority = 1 - max(counts.values()) / sum(counts.values()) if counts else None
-    return {"table": table, "targets": targets, "majority_error": majority, "answer": answer(table, majority)}
+    return {
+        "table": table,
+        "targets": targets,
+        "target_rules": rules,
+        "majority_error": majority,
+        "answer": answer(table, majority, rules),
+    }
 
 
 def fmt_pct(x: float | None) -> str:
@@ -99,8 +129,11 @@ def fmt_secs(x: float | None) -> str:
     return "not reached" if x is None else (f"{x:.0f} s" if x >= 10 else f"{x:.1f} s")
 
 
-def answer(table: Sequence[dict], majority_error: float | None = None) -> str:
-    """The comparison in words, pretrained against scratch for each architecture and fraction.
+def answer(
+    table: Sequence[dict], majority_error: float | None = None, target_rules: dict[float, str] | None = None
+) -> str:
+    """The comparison in words: the verdict, then one line per architecture and fraction, how each
+    target error was chosen, what the data efficiency is, and how much the seeds disagree.
 
     A target no better than always answering the majority class says nothing, so no time to it is quoted.
     """
@@ -149,7 +182,25 @@ def answer(table: Sequence[dict], majority_error: float | None = None) -> str:
         )
         + "."
     )
-    return verdict + " " + " ".join(sentences)
+    lines = [verdict, *(f"- {t}" for t in sentences)]
+    if target_rules:
+        lines.append(
+            "Target errors for the time to target: "
+            + "; ".join(f"with {100 * f:g}% of the data, {rule}" for f, rule in sorted(target_rules.items()))
+            + "."
+        )
+    spread = [r["final_error_sd"] for r in table if r["seeds"] > 1]
+    if spread:
+        lines.append(
+            f"Seeds: {min(r['seeds'] for r in table)} to {max(r['seeds'] for r in table)} per cell; the final "
+            f"error's standard deviation between seeds is at most {100 * max(spread):.1f} points, so smaller "
+            "gaps are noise."
+        )
+    else:
+        lines.append("One seed per cell: no spread is measured, so small gaps may be noise (use --seeds 3).")
+    if majority_error is not None:
+        lines.append(f"Chance level: always answering the majority class gives {pct(majority_error)} error.")
+    return "\n".join(lines)
 
 
 def data_efficiency(arch: str, rows: dict[tuple[float, str], dict]) -> list[str]:

@@ -554,12 +554,21 @@ def evaluate_predictions(
     return _jsonable(report)
 
 
+def matrix_title(report: dict) -> str:
+    """Which images and which decision rule a confusion matrix counts: "validation" unless the
+    report says what it evaluated (``evaluated_on``, set by ``infer.predict``)."""
+    subset = report.get("evaluated_on") or "validation"
+    threshold, positive = report.get("threshold"), report.get("positive_class")
+    rule = f"\n{positive} when p({positive}) \u2265 {threshold:.3f}" if threshold is not None and positive else ""
+    return f"Confusion matrix: {subset}{rule}"
+
+
 def write_evaluation_figures(report: dict, probs: np.ndarray, labels: np.ndarray, out_dir: Path) -> dict[str, Path]:
     """confusion_matrix.png, roc.png (binary, operating point marked) and reliability.png."""
     out_dir = Path(out_dir)
     written = {
         "confusion_matrix": plots.plot_confusion_matrix(
-            report["confusion_matrix"], report["classes"], out_dir / "confusion_matrix.png"
+            report["confusion_matrix"], report["classes"], out_dir / "confusion_matrix.png", title=matrix_title(report)
         )
     }
     if report.get("roc"):

@@ -14,6 +14,7 @@ over the X-ray at its own resolution, so a radiologist sees every pixel of the o
 
 from __future__ import annotations
 
+import io
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,15 @@ from weakref import WeakKeyDictionary
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from pneumo.config import HEATMAP_CMAP
-from pneumo.data.imaging import open_image, prepare, to_grey_uint8
+from pneumo.data.imaging import prepare, to_grey_uint8
+from pneumo.decision import describe_reading
 from pneumo.errors import ModelError, PneumoError
-from pneumo.infer.model_folder import EnsembleModel, LoadedModel, load_model
+from pneumo.infer.model_folder import EnsembleModel, LoadedModel, as_image, load_model
 from pneumo.nets.models import XrayNet
-from pneumo.plots import colormap_names, plot_heatmap_overlay
+from pneumo.plots import colormap_names, heatmap_overlay_image, save_overlay
 
 DEFAULT_CMAP = HEATMAP_CMAP  # the one default (config.py): perceptually uniform, colour-blind safe
 
@@ -102,15 +105,45 @@ def check_cmap(cmap: str) -> None:
         )
 
 
+class Explanation(dict):
+    """What ``explain_image`` returns: the decision and where the overlay went (a dict, as the CLI's
+    ``--json`` prints it), with the overlay itself as ``.image``, shown inline in a notebook."""
+
+    def __init__(self, values: dict[str, Any], image: Image.Image):
+        super().__init__(values)
+        self.image = image
+
+    def __repr__(self) -> str:
+        return f"Explanation({self['label']}: {self['reading']}; Grad-CAM for {self['target_class']})"
+
+    def _repr_png_(self) -> bytes:
+        buf = io.BytesIO()
+        self.image.save(buf, format="PNG")
+        return buf.getvalue()
+
+
+def default_out(image_path: str | Path, out: str | Path | None) -> Path:
+    """Where ``pneumo explain`` writes: ``out`` as given, or ``IMAGE-STEM_gradcam.png`` inside ``out``
+    when it is a folder or in the current folder when it is not given. Never beside the image by
+    default: a PNG left in a class folder would be read as a training image next time."""
+    name = f"{Path(image_path).stem}_gradcam.png"
+    if out is None:
+        return Path.cwd() / name
+    out = Path(out)
+    return out / name if out.is_dir() else out
+
+
 def explain_image(
-    model_dir: str | Path,
-    image_path: str | Path,
-    out: str | Path,
+    model: str | Path | LoadedModel,
+    image: str | Path | Image.Image | np.ndarray,
+    out: str | Path | None = None,
     target_class: str | None = None,
     alpha: float = 0.4,
     cmap: str = DEFAULT_CMAP,
-) -> dict[str, Any]:
-    """Predict one image and write a Grad-CAM overlay PNG at the image's own resolution.
+    overwrite: bool = False,
+) -> Explanation:
+    """Predict one image and draw a Grad-CAM overlay at the image's own resolution; write it to
+    ``out`` (a PNG; refused when the file exists unless ``overwrite``), or nowhere when ``out`` is None.
 
     ``target_class`` chooses the class whose evidence is shown (default: the predicted one, which
     respects the model's stored decision threshold).
@@ -118,25 +151,35 @@ def explain_image(
     if not 0.0 <= alpha <= 1.0:
         raise PneumoError(f"--alpha must lie in [0, 1], got {alpha}")
     check_cmap(cmap)
-    model = load_model(model_dir)
-    target = None if target_class is None else class_index(model.classes, target_class)
-    img = open_image(image_path)
+    out = None if out is None else Path(out)
+    if out is not None and out.exists() and not overwrite:
+        raise PneumoError(f"{out} exists: pass --overwrite to replace it, or another --out")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    target = None if target_class is None else class_index(loaded.classes, target_class)
+    img = as_image(image)
     full = to_grey_uint8(img)  # (H, W) at the image's own size
-    pixels = np.array(prepare(img, model.meta.image_size))  # (S, S): what the model sees
-    probs = model.probabilities(pixels[None])[0]
-    predicted = int(model.decide(probs[None])[0])
+    pixels = np.array(prepare(img, loaded.meta.image_size))  # (S, S): what the model sees
+    probs = loaded.probabilities(pixels[None])[0]
+    predicted = int(loaded.decide(probs[None])[0])
     target = predicted if target is None else target
-    heat = gradcam_heatmap(model, pixels, target)
-    label = model.classes[predicted]
-    title = f"{label} p={probs[predicted]:.2f} | Grad-CAM: {model.classes[target]}"
-    plot_heatmap_overlay(full, heat, out, alpha=alpha, cmap=cmap, title=title)
-    return {
+    heat = gradcam_heatmap(loaded, pixels, target)
+    label = loaded.classes[predicted]
+    reading = describe_reading(probs, loaded.classes, loaded.positive, loaded.threshold)
+    title = f"read {label}: {reading} | Grad-CAM for {loaded.classes[target]}"
+    overlay = heatmap_overlay_image(full, heat, alpha=alpha, cmap=cmap, title=title)
+    if out is not None:
+        save_overlay(overlay, out)
+    positive = loaded.positive
+    values = {
         "label": label,
-        "probability": float(probs[predicted]),
-        "probabilities": {c: float(p) for c, p in zip(model.classes, probs)},
-        "threshold": model.threshold,
-        "target_class": model.classes[target],
-        "out": str(out),
-        "method": f"grad-cam on {type(model.net.cam_layer()).__name__} of {model.meta.arch}"
-        + (f", averaged over {len(model.members)} members" if isinstance(model, EnsembleModel) else ""),
+        "positive_class": None if positive is None else loaded.classes[positive],
+        "p_positive": None if positive is None else float(probs[positive]),
+        "threshold": loaded.threshold,
+        "reading": reading,
+        "probabilities": {c: float(p) for c, p in zip(loaded.classes, probs)},
+        "target_class": loaded.classes[target],
+        "out": None if out is None else str(out),
+        "method": f"grad-cam on {type(loaded.net.cam_layer()).__name__} of {loaded.meta.arch}"
+        + (f", averaged over {len(loaded.members)} members" if isinstance(loaded, EnsembleModel) else ""),
     }
+    return Explanation(values, overlay)

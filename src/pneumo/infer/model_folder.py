@@ -11,15 +11,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from pneumo.data.cache import decode_images
+from pneumo.data.imaging import open_image, prepare
+from pneumo.decision import describe_reading, describe_rule
 from pneumo.errors import ModelError, PneumoError
 from pneumo.io_utils import atomic_write
 from pneumo.model_meta import ModelMeta, model_folder, read_model_meta, write_model_meta  # model_folder: torch-free
 from pneumo.nets.models import XrayNet, get_backbone
 
-__all__ = ["EnsembleModel", "LoadedModel", "ModelMeta", "load_model", "model_folder", "save_model"]
+__all__ = [
+    "EnsembleModel",
+    "LoadedModel",
+    "ModelMeta",
+    "Prediction",
+    "as_image",
+    "load_model",
+    "model_folder",
+    "save_model",
+]
 
 
 def save_model(model: XrayNet, meta: ModelMeta, folder: str | Path) -> Path:
@@ -71,6 +83,53 @@ class LoadedModel:
         if decoded.ok.any():
             probs[decoded.ok] = self.probabilities(np.asarray(decoded.pixels)[decoded.ok], tta=tta)
         return probs, decoded.ok, decoded.errors
+
+    def predict(self, image: str | Path | Image.Image | np.ndarray, tta: bool = False) -> Prediction:
+        """One image (a file, a PIL image or a grey/RGB array of any size) -> its ``Prediction``:
+        the label, p(positive class) against the threshold, in numbers and in words."""
+        probs = self.probabilities(prepare(as_image(image), self.meta.image_size)[None], tta=tta)[0]
+        label = self.classes[int(self.decide(probs[None])[0])]
+        pos = self.positive
+        return Prediction(
+            label=label,
+            positive_class=None if pos is None else self.classes[pos],
+            p_positive=None if pos is None else float(probs[pos]),
+            threshold=self.threshold,
+            reading=describe_reading(probs, self.classes, pos, self.threshold),
+            probabilities={c: float(p) for c, p in zip(self.classes, probs)},
+        )
+
+    def __repr__(self) -> str:
+        rule = describe_rule(self.classes, self.positive, self.threshold)
+        return f"<{type(self).__name__} {self.meta.arch}, {self.meta.image_size} px, {rule}>"
+
+
+class Prediction(dict):
+    """``LoadedModel.predict``'s answer: a dict that prints as one line."""
+
+    def __repr__(self) -> str:
+        return f"Prediction({self['label']}: {self['reading']})"
+
+
+def as_image(image: str | Path | Image.Image | np.ndarray) -> Image.Image:
+    """A PIL image from a path, a PIL image or an array: uint8/uint16 grey (H, W), RGB (H, W, 3), or
+    floats in [0, 1]."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+            raise PneumoError(f"an image array must be (H, W) or (H, W, 3), not {arr.shape}")
+        arr = arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr
+        if arr.dtype.kind == "f":
+            arr = np.clip(np.nan_to_num(arr) * (255.0 if arr.max(initial=0) <= 1.0 else 1.0) + 0.5, 0, 255)
+            arr = arr.astype(np.uint8)
+        elif arr.dtype == np.uint16 and arr.ndim == 2:
+            return Image.fromarray(arr, mode="I;16")
+        elif arr.dtype != np.uint8:
+            raise PneumoError(f"an image array must be uint8, uint16 or float, not {arr.dtype}")
+        return Image.fromarray(arr[..., :3] if arr.ndim == 3 else arr)
+    return open_image(image)
 
 
 class EnsembleModel(LoadedModel):

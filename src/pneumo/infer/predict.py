@@ -16,8 +16,10 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 
 from pneumo.data.cache import decode_images
-from pneumo.data.folders import discover, is_image_file, printable, subtype_of
+from pneumo.data.folders import SPLIT_ALIASES, ChestXrayFolder, discover, is_image_file, printable, subtype_of
+from pneumo.decision import describe_reading
 from pneumo.errors import DataError, PneumoError
+from pneumo.evaluation.summary import Evaluation
 from pneumo.infer.runtime import open_model
 from pneumo.infer.scope import ScopeCheck
 from pneumo.io_utils import atomic_write_json
@@ -46,12 +48,14 @@ def predict_files(
     progress: bool = True,
     runtime: str = "torch",
 ) -> list[dict]:
-    """One row per image: path, label, probability of that label, every class's probability, or error.
+    """One row per image (``PREDICTION_COLUMNS``), or its path and error.
 
+    One meaning of probability: ``p_positive`` is p(positive class), compared with ``threshold``;
+    ``reading`` says so in words. ``p_<CLASS>`` columns give every class's probability.
     ``runtime="onnx"`` reads the model's ONNX export with onnxruntime, torch never imported.
     Every row says whether the film is in scope (``infer.scope``; DICOM tags only on the onnx
-    runtime); an out-of-scope film gets no label (its probabilities are kept, for the record) and a
-    warning line on stderr.
+    runtime); an out-of-scope film gets no label and no reading (its probabilities are kept, for the
+    record) and a warning line on stderr.
     """
     loaded = open_model(model, runtime)
     files = expand_paths(paths)
@@ -68,12 +72,15 @@ def predict_files(
             rows.append({"path": str(path), "error": errors.get(str(path), "unreadable")})
             continue
         verdict = next(verdicts)
+        positive, in_scope = loaded.positive, verdict["in_scope"]
         rows.append(
             {
                 "path": str(path),
-                "label": loaded.classes[label] if verdict["in_scope"] else None,
-                "probability": float(p[label]) if verdict["in_scope"] else None,
+                "label": loaded.classes[label] if in_scope else None,
+                "positive_class": None if positive is None else loaded.classes[positive],
+                "p_positive": None if positive is None else float(p[positive]),
                 "threshold": loaded.threshold,
+                "reading": describe_reading(p, loaded.classes, positive, loaded.threshold) if in_scope else None,
                 **{f"p_{c}": float(v) for c, v in zip(loaded.classes, p)},
                 **verdict,
             }
@@ -83,12 +90,17 @@ def predict_files(
     return rows
 
 
+# The columns of ``pneumo predict --csv`` (then one p_<CLASS> per class, and error for unreadable files).
+PREDICTION_COLUMNS = ["path", "label", "positive_class", "p_positive", "threshold", "reading"]
+
+
 def write_predictions(rows: list[dict], fmt: str, stream: IO[str]) -> None:
     rows = [{**r, "path": printable(r["path"])} for r in rows]  # a name that is not UTF-8 prints as \xe9
     if fmt == "json":
         stream.write(json.dumps(rows, indent=2) + "\n")
         return
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "path", k != "label", k))
+    present = {k for r in rows for k in r}
+    keys = [k for k in PREDICTION_COLUMNS if k in present] + sorted(present - set(PREDICTION_COLUMNS))
     if fmt == "csv":
         writer = csv.DictWriter(stream, fieldnames=keys)
         writer.writeheader()
@@ -100,7 +112,7 @@ def write_predictions(rows: list[dict], fmt: str, stream: IO[str]) -> None:
         elif r.get("in_scope") is False:
             stream.write(f"{r['path']}: OUT OF SCOPE ({r['scope_reason']})\n")
         else:
-            stream.write(f"{r['path']}: {r['label']} (p={r['probability']:.3f})\n")
+            stream.write(f"{r['path']}: {r['label']} ({r['reading']})\n")
 
 
 def evaluate_model_on_folder(
@@ -111,7 +123,7 @@ def evaluate_model_on_folder(
     tta: bool = False,
     progress: bool = True,
     adapt: Callable[[LoadedModel, np.ndarray], tuple[LoadedModel, dict]] | None = None,
-) -> dict:
+) -> Evaluation:
     """Metrics of a saved model on labelled images, at its stored threshold and temperature.
 
     ``data`` is a folder of class folders (Kaggle's ``test``) or a Kaggle root, whose ``test`` split
@@ -125,7 +137,12 @@ def evaluate_model_on_folder(
 
     loaded = open_model(model)
     dataset = discover(data)
-    chosen = split or ("test" if "test" in dataset.splits else dataset.splits[0] if len(dataset.splits) == 1 else None)
+    if dataset.layout != "kaggle":  # a folder of class folders is read whole
+        if split is not None:
+            raise DataError(f"{data}: --split picks a split of a Kaggle root; this folder holds class folders only")
+        chosen = dataset.splits[0]
+    else:
+        chosen = split or ("test" if "test" in dataset.splits else None)
     if chosen is None or chosen not in dataset.splits:
         raise DataError(f"{data}: choose a split with --split ({', '.join(dataset.splits)})")
     unknown = set(dataset.classes) - set(loaded.classes)
@@ -152,7 +169,10 @@ def evaluate_model_on_folder(
         subtypes=[subtype_of(s.path.name) for s in kept],
         groups=np.array([s.patient for s in kept]),
     )
-    report.update(data=str(dataset.root), split=chosen, model=loaded.meta.arch, skipped=errors)
+    report.update(
+        data=str(dataset.root), split=evaluated_split(dataset, chosen), model=loaded.meta.arch, skipped=errors
+    )
+    report["evaluated_on"] = f"{report['split']} ({dataset.root.name})"
     if adapted is not None:
         report["adapted"] = adapted
     if out:
@@ -160,14 +180,22 @@ def evaluate_model_on_folder(
         write_evaluation_figures(report, probs[ok], labels, out)
         atomic_write_json(out / "evaluation.json", report)
         report["figures"] = str(out)
-    return report
+    return Evaluation(report)
+
+
+def evaluated_split(dataset: ChestXrayFolder, chosen: str) -> str:
+    """The name of the evaluated split: the Kaggle split chosen, or for a folder of class folders
+    (which ``discover`` reads as one pool) the folder's own split name (``test``, ``valid``) when it
+    has one, else "all images" of it."""
+    if dataset.layout == "kaggle":
+        return chosen
+    return SPLIT_ALIASES.get(dataset.root.name.lower(), "all images")
 
 
 def format_evaluation(report: dict) -> str:
     m = report.get("metrics", {})
-    lines = [
-        f"{report.get('n', len(report.get('skipped', [])))} images from {report.get('data')} ({report.get('split')})"
-    ]
+    n = report.get("n", len(report.get("skipped", [])))
+    lines = [f"{n} images, split {report.get('split')}, from {report.get('data')}"]
     if "sensitivity" in m:
         ci = report.get("ci") or {}
         for key in ("accuracy", "error_rate", "sensitivity", "specificity", "ppv", "npv", "roc_auc"):
@@ -176,8 +204,12 @@ def format_evaluation(report: dict) -> str:
             interval = ci.get(key)
             extra = f"  (95% CI {interval[0]:.4f}-{interval[1]:.4f})" if interval else ""
             lines.append(f"  {key:<12} {m[key]:.4f}{extra}")
-        lines.append(f"  threshold    {report.get('threshold'):.3f}")
-        lines.append(f"  confusion    {report.get('confusion_matrix')} (rows actual, columns predicted)")
+        positive = report.get("positive_class", "the positive class")
+        lines.append(f"  threshold    {report.get('threshold'):.3f} (call {positive} when p({positive}) reaches it)")
+        lines.append(
+            f"  confusion    {report.get('confusion_matrix')} (rows actual, columns predicted; "
+            f"classes {', '.join(report.get('classes', []))})"
+        )
     else:
         lines += [f"  {k}: {v}" for k, v in m.items()]
     adapted = report.get("adapted")

@@ -8,13 +8,13 @@ with every shape checked. Files are never unpickled: safetensors, or ``torch.loa
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pneumo.errors import WeightsError
+from pneumo.nets.hub import check_hub
 from pneumo.nets.registry import Backbone, get_backbone
 
 CLASSIFIER_PREFIXES = ("fc.", "classifier.", "_fc.", "head.fc.", "head.")
@@ -63,15 +63,7 @@ def wheel_state_dict(backbone: Backbone | str) -> dict[str, torch.Tensor]:
 
 
 def _hub_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("PNEUMO_OFFLINE") == "1"
-    hint = (
-        f"ImageNet weights for {backbone.name} are not on this machine and could not be downloaded. "
-        f"Get them where you have internet (torchvision's '{backbone.timm_name}' ImageNet checkpoint, "
-        f"or timm's '{backbone.timm_name}.a1_in1k' model.safetensors) and pass --weights FILE, "
-        f"or train from scratch with --pretrained none."
-    )
-    if offline:
-        raise WeightsError(hint + " (offline mode is set)")
+    hint = check_hub(backbone)
     try:
         import timm
 

@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 
 from pneumo.data.imaging import prepare
+from pneumo.decision import describe_reading, describe_rule
 from pneumo.errors import PneumoError
+from pneumo.evaluation.metrics import matrix_title
 from pneumo.plots import VERMILLION, plot_confusion_matrix, plot_image_grid
 from pneumo.run_folder import RunFolder
 
@@ -33,8 +35,9 @@ def _tile(path_text: str, run_dir: Path) -> tuple[np.ndarray, str | None]:
 def interpret_run(run_dir: str | Path, out: str | Path | None = None, k: int = 9) -> dict[str, Any]:
     """Top losses and the confusion matrix of a run's validation predictions.
 
-    Loss is -log p(actual class); titles read "predicted/actual/loss/p(predicted)" and are drawn in
-    vermillion when the prediction (at the stored threshold) is wrong.
+    Loss is -log p(actual class). Probabilities follow pneumo's one meaning: p(positive class),
+    against the threshold; p(actual) is given too, labelled so (it is what fastai's titles show).
+    Titles are drawn in vermillion when the prediction (at the stored threshold) is wrong.
     """
     run = RunFolder(run_dir)
     if k < 1:
@@ -48,38 +51,50 @@ def interpret_run(run_dir: str | Path, out: str | Path | None = None, k: int = 9
     predicted = meta.decide(probs)
     losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
     order = np.argsort(-losses, kind="stable")[:k]
+    pos, threshold = meta.positive_index, meta.operating_threshold
+    shown = classes[pos] if pos is not None else None
     top, tiles, titles, colours = [], [], [], []
     for i in order:
         actual, pred = classes[labels[i]], classes[predicted[i]]
-        p_pred = float(probs[i, predicted[i]])
+        p_actual = float(probs[i, labels[i]])
+        p_shown = float(probs[i, pos]) if pos is not None else float(probs[i, predicted[i]])
         top.append(
             {
                 "path": preds.paths[i],
                 "actual": actual,
                 "predicted": pred,
                 "loss": float(losses[i]),
-                "probability": p_pred,
+                "p_positive": p_shown if pos is not None else None,
+                "p_actual": p_actual,
+                "reading": describe_reading(probs[i], classes, pos, threshold),
             }
         )
         tile, problem = _tile(preds.paths[i], run.path)
         tiles.append(tile)
-        titles.append(f"{pred}/{actual}/{losses[i]:.2f}/{p_pred:.2f}" + (f"\n({problem})" if problem else ""))
+        p_text = f"p({shown}) {p_shown:.2f}" if shown else f"p({pred}) {p_shown:.2f}"
+        verdict = "wrong" if pred != actual else "right"
+        titles.append(
+            f"read {pred} ({verdict})\nactually {actual}\nloss {losses[i]:.2f}, {p_text}"
+            + (f"\n({problem})" if problem else "")
+        )
         colours.append(VERMILLION if pred != actual else "black")
     out_dir = Path(out) if out is not None else run.path
+    rule = describe_rule(classes, pos, threshold)
     top_png = plot_image_grid(
         tiles,
         titles,
         out_dir / "top_losses.png",
         ncols=min(3, len(tiles)),
-        suptitle="prediction/actual/loss/probability",
+        suptitle=f"Top losses on validation (loss = -log p(actual)); decision: {rule}",
         title_colors=colours,
     )
     cm = np.zeros((len(classes), len(classes)), dtype=int)
     np.add.at(cm, (labels, predicted), 1)
-    threshold = meta.operating_threshold
-    at = f" (threshold {threshold:.3f})" if threshold is not None else ""
     cm_png = plot_confusion_matrix(
-        cm, classes, out_dir / "confusion_matrix.png", title=f"Confusion matrix, validation{at}"
+        cm,
+        classes,
+        out_dir / "confusion_matrix.png",
+        title=matrix_title({"threshold": threshold, "positive_class": shown}),
     )
     return {
         "top_losses_png": str(top_png),

@@ -40,9 +40,11 @@ from pneumo.audit.record import AuditTrail, FeedbackError, UnknownReading
 from pneumo.audit.schema import NOTE_MAX_CHARS
 from pneumo.data.dicom import PREAMBLE_END, looks_like_dicom
 from pneumo.data.imaging import open_image, prepare, to_grey_uint8
+from pneumo.decision import describe_reading
 from pneumo.errors import ImageError, PneumoError
 from pneumo.infer.runtime import open_model
 from pneumo.infer.scope import ScopeCheck
+from pneumo.report.about import training_summary
 from pneumo.serve.limits import (
     ENVELOPE_BYTES,
     PIXEL_BUDGET,
@@ -123,10 +125,12 @@ def read_xray(
     result: dict[str, Any] = {
         "filename": name,
         "label": model.classes[predicted],
-        "probability": float(probs[predicted]),
+        "probability": float(probs[predicted]),  # p(label); p_positive is the one the threshold is compared with
         "probabilities": {c: float(p) for c, p in zip(model.classes, probs)},
         "threshold": model.threshold,
         "positive_class": model.meta.positive_class,
+        "p_positive": None if model.positive is None else float(probs[model.positive]),
+        "reading": describe_reading(probs, model.classes, model.positive, model.threshold),
         "image": {"width": img.width, "height": img.height, "mode": img.mode},
         "heatmap_png_base64": None,
         "heatmap_class": None,
@@ -326,6 +330,7 @@ def create_app(
         import pneumo.infer.explain  # noqa: F401
         import pneumo.plots  # noqa: F401
     scope = ScopeCheck(model)
+    trained_on = training_summary(model_dir, model.meta)  # said on the page beside every answer
     max_bytes = int(max_upload_mb * 2**20)
 
     @asynccontextmanager
@@ -395,6 +400,7 @@ def create_app(
             "scope_check": scope.method,
             "pneumo_version": model.meta.pneumo_version,
             "runtime": getattr(model, "runtime", "torch"),
+            "trained_on": trained_on,
         }
 
     @app.post(

@@ -37,6 +37,10 @@ class Reading(BaseModel):
     probabilities: dict[str, float]
     threshold: float | None = Field(description="on p(positive_class); null when the highest probability wins")
     positive_class: str | None
+    p_positive: float | None = Field(
+        None, description="p(positive_class): the probability the threshold is compared with"
+    )
+    reading: str | None = Field(None, description="the decision in words: p(positive) against the threshold")
     image: ImageInfo
     heatmap_png_base64: str | None = Field(description="Grad-CAM over the image, a base64 PNG; null if not asked")
     heatmap_class: str | None
@@ -58,6 +62,9 @@ class ModelInfo(BaseModel):
     max_image_pixels: int
     accepted: list[str]
     pneumo_version: str | None
+    trained_on: dict | None = Field(
+        None, description="what the model was trained on (data folder name, counts, sentence)"
+    )
 
 
 class Health(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from pneumo.evaluation.metrics import (
     threshold_record,
     write_evaluation_figures,
 )
+from pneumo.evaluation.summary import metrics_html, metrics_lines
 from pneumo.infer.model_card import split_counts, write_model_card
 from pneumo.infer.model_folder import LoadedModel, ModelMeta, save_model
 from pneumo.infer.scope import fit_feature_scope, save_feature_scope, scope_features
@@ -39,6 +41,16 @@ class RunResult:
     history: list[dict]
     evaluation: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:  # the dataclass's would print the whole evaluation (kilobytes)
+        lines = [
+            f"RunResult(run_dir={str(self.run_dir)!r}, {len(self.history)} epochs",
+            *metrics_lines(self.evaluation),
+        ]
+        return "\n".join(lines) + ")"
+
+    def _repr_html_(self) -> str:
+        return f"<p>run folder <code>{html.escape(str(self.run_dir))}</code></p>" + metrics_html(self.evaluation)
 
 
 def finish_run(

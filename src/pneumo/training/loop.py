@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from pneumo.config import TrainConfig
 from pneumo.errors import PneumoError, TrainingError
+from pneumo.nets.hub import check_weights_available
 from pneumo.run_folder import RunFolder, SplitRecord
 from pneumo.training.events import Callback, EpochTable, MetricsCSV, Run, emit
 from pneumo.training.finish import RunResult, finish_run
@@ -90,6 +91,7 @@ def train(
             raise TrainingError(f"{folder.checkpoint_file}: not a pneumo training checkpoint (no {', '.join(missing)})")
     else:
         cfg = TrainConfig.from_dict({**options, "data": str(data)})  # checked as it is made
+        check_weights_available(cfg.arch, cfg.pretrained, cfg.weights)  # offline: before any data is read
         folder = RunFolder(new_run_dir(cfg))
         if folder.has_started():
             raise PneumoError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from pneumo.config import TrainConfig
 from pneumo.training.schedule import exponential
@@ -63,6 +65,17 @@ class LRFindResult:
     method: str
     suggestions: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: decode_s, ..., range_test_s, plot_s
+    plot: Path | None = None  # lr_find.png, when ``lr_find`` drew it
+
+    def __repr__(self) -> str:
+        others = ", ".join(f"{k} {v:.2e}" for k, v in self.suggestions.items() if k != self.method)
+        return (
+            f"LRFindResult(suggestion {self.suggestion:.2e} by {self.method} [{others}], "
+            f"{len(self.lrs)} steps from {self.lrs[0]:.1e} to {self.lrs[-1]:.1e}, plot {self.plot})"
+        )
+
+    def _repr_png_(self) -> bytes | None:  # a notebook shows the plot
+        return self.plot.read_bytes() if self.plot is not None and self.plot.is_file() else None
 
 
 MIN_ITERATIONS = 3  # the suggesters need a curve, not a point
@@ -93,24 +106,33 @@ def range_test(
     beta: float = 0.98,
     stop_div: float = 4.0,
     method: str = "valley",
+    progress: bool = False,
 ) -> LRFindResult:
-    """Call ``step(lr) -> loss`` on an exponential ramp until the smoothed loss diverges."""
+    """Call ``step(lr) -> loss`` on an exponential ramp until the smoothed loss diverges.
+
+    With ``progress`` a bar counts the ``num_it`` steps (the sweep is the longest part of lr-find)
+    and shows the LR and smoothed loss; it stops early, and says so, when the loss diverges."""
     check_range(start_lr, end_lr, num_it, method)
     lrs: list[float] = []
     losses: list[float] = []
     avg, best = 0.0, float("inf")
-    for i in range(num_it):
-        lr = exponential(start_lr, end_lr, i / (num_it - 1))
-        loss = step(lr)
-        if not np.isfinite(loss):
-            break
-        avg = beta * avg + (1 - beta) * loss
-        smoothed = avg / (1 - beta ** (i + 1))
-        lrs.append(lr)
-        losses.append(smoothed)
-        best = min(best, smoothed)
-        if i > 5 and smoothed > stop_div * best:
-            break
+    bar = tqdm(total=num_it, desc="LR sweep", unit="step", disable=not progress, leave=False)
+    with bar:
+        for i in range(num_it):
+            lr = exponential(start_lr, end_lr, i / (num_it - 1))
+            loss = step(lr)
+            bar.update()
+            if not np.isfinite(loss):
+                break
+            avg = beta * avg + (1 - beta) * loss
+            smoothed = avg / (1 - beta ** (i + 1))
+            lrs.append(lr)
+            losses.append(smoothed)
+            best = min(best, smoothed)
+            bar.set_postfix(lr=f"{lr:.1e}", loss=f"{smoothed:.3f}", refresh=False)
+            if i > 5 and smoothed > stop_div * best:
+                bar.set_description("LR sweep (loss diverged: stopped)")
+                break
     if len(lrs) < 3:
         from pneumo.errors import TrainingError
 
@@ -126,6 +148,7 @@ def find_lr(
     end_lr: float = 10.0,
     num_it: int = 100,
     method: str = "valley",
+    progress: bool = False,
 ) -> LRFindResult:
     """The range test on a training ``Phase``; the model's weights are restored afterwards."""
     saved = copy.deepcopy(model.state_dict())
@@ -142,7 +165,7 @@ def find_lr(
         return loss.item()  # the stopping rule needs every loss: one wait per step, as fastai
 
     try:
-        return range_test(step, start_lr, end_lr, num_it, method=method)
+        return range_test(step, start_lr, end_lr, num_it, method=method, progress=progress)
     finally:
         model.load_state_dict(saved)
 
@@ -158,6 +181,7 @@ def lr_find(
     **options: Any,
 ) -> LRFindResult:
     """Run the range test on the first training phase exactly as ``pneumo train`` would run it."""
+    from pneumo.nets.hub import check_weights_available
     from pneumo.plots import plot_lr_find
     from pneumo.run_folder import RunFolder
     from pneumo.training.phases import build_phase
@@ -167,12 +191,17 @@ def lr_find(
     check_range(start_lr, end_lr, num_it, method)
     out = Path(out or "runs/lr_find")
     out.mkdir(parents=True, exist_ok=True)
+    check_weights_available(cfg.arch, cfg.pretrained, cfg.weights)  # before the data is decoded
     setup = prepare_run(cfg, progress)
-    phase = build_phase(setup, first_phase_name(cfg), RunFolder(out), progress)  # features land in OUT/checkpoints
-    with timed(setup.timings, "range_test_s"):
-        result = find_lr(setup.model, phase, start_lr, end_lr, num_it, method)
+    # The features file (tens of MB) goes to a scratch folder deleted at the end, not into OUT: the
+    # shared cache keeps its copy (unless PNEUMO_NO_CACHE), so `pneumo train` with the same options
+    # reuses it.
+    with tempfile.TemporaryDirectory(prefix="pneumo-lr-find-") as scratch:
+        phase = build_phase(setup, first_phase_name(cfg), RunFolder(scratch), progress)
+        with timed(setup.timings, "range_test_s"):
+            result = find_lr(setup.model, phase, start_lr, end_lr, num_it, method, progress=progress)
     with timed(setup.timings, "plot_s"):
-        plot_lr_find(
+        result.plot = plot_lr_find(
             result.lrs,
             result.losses,
             result.suggestion,

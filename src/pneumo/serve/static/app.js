@@ -19,17 +19,31 @@ async function loadModelInfo() {
     $("model-info").textContent =
       `Model ${m.arch}, ${m.image_size} px, classes ${m.classes.join(" / ")}; decision: ${rule}. ` +
       `Uploads up to ${m.max_upload_mb} MB.`;
+    if (m.trained_on && m.trained_on.sentence) $("trained-on").textContent = m.trained_on.sentence;
   } catch (e) {
     $("model-info").textContent = "Model details unavailable.";
   }
 }
 
+// One meaning of probability everywhere: p(positive class) against the threshold, said in words.
+function reading(result) {
+  if (result.threshold === null || !result.positive_class) {
+    return `${result.label} is the most probable class (${pct(result.probabilities[result.label])})`;
+  }
+  const name = result.positive_class;
+  const p = result.probabilities[name];
+  const side = p >= result.threshold ? "at or above" : "below";
+  return `${pct(p)} \u2013 ${side} the ${pct(result.threshold)} needed to call ${name}`;
+}
+
 function show(result) {
   $("label").textContent = result.in_scope === false ? "no reading: " + result.warning : result.label;
-  $("probability").textContent = result.in_scope === false ? "\u2014" : pct(result.probability);
+  const positive = result.threshold === null ? null : result.positive_class;
+  $("probability-term").textContent = positive ? `p(${positive})` : "Probability";
+  $("probability").textContent = result.in_scope === false ? "\u2014" : reading(result);
   $("threshold").textContent = result.threshold === null
     ? "none (highest probability wins)"
-    : `${result.threshold.toFixed(3)} on p(${result.positive_class})`;
+    : `${pct(result.threshold)} on p(${result.positive_class})`;
   const body = $("probabilities").querySelector("tbody");
   body.replaceChildren();
   for (const [name, p] of Object.entries(result.probabilities)) {
