@@ -114,8 +114,13 @@ def test_predict_with_the_onnx_runtime_never_imports_torch_and_matches_pytorch(e
     torch_rows = predict_files(folder, [TEST_FILMS], progress=False)
     assert len(onnx_rows) == len(torch_rows) == 60
     for a, b in zip(onnx_rows, torch_rows):
-        assert a["path"] == b["path"] and a["label"] == b["label"] and a["threshold"] == b["threshold"]
+        assert a["path"] == b["path"] and a["threshold"] == b["threshold"]
         assert abs(a["p_PNEUMONIA"] - b["p_PNEUMONIA"]) <= 1e-4
+        # the onnx runtime checks scope by DICOM tags only (no body features): these JPEGs are all in
+        # scope there, while the torch runtime may set a film far from the validation films aside
+        assert a["in_scope"] is True
+        if b["in_scope"]:
+            assert a["label"] == b["label"]
 
 
 def test_serve_with_the_onnx_runtime_never_imports_torch(exported):
@@ -138,7 +143,8 @@ def test_serve_with_the_onnx_runtime_never_imports_torch(exported):
     from pneumo.infer.predict import predict_files
 
     (row,) = predict_files(folder, [film], progress=False)
-    assert result["label"] == row["label"] and abs(result["probability"] - row["probability"]) <= 1e-4
+    assert abs(result["p_positive"] - row["p_positive"]) <= 1e-4
+    assert result["label"] == row["label"] or row["in_scope"] is False
 
 
 def test_the_onnx_runtime_refuses_what_it_cannot_trust(exported, tmp_path, capsys):

@@ -722,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--check-on", default=None, metavar="FOLDER", help="films to check parity on (default: the bundled sample)"
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the files written and the parity figures as JSON")
 
     p = command("card", cmd_card, "(re)write MODEL_CARD.md in a model folder from what it and its run recorded")
     p.add_argument("model", help="model folder (RUN/model) or run folder")
