@@ -42,6 +42,13 @@ def predict_files(
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     files = expand_paths(paths)
     probs, ok, errors = loaded.predict_paths(files, progress=progress, tta=tta)
+    return prediction_rows(loaded, files, probs, ok, errors)
+
+
+def prediction_rows(
+    loaded: LoadedModel, files: Sequence[str | Path], probs: np.ndarray, ok: np.ndarray, errors: dict[str, str]
+) -> list[dict]:
+    """The rows of ``predict_files`` for probabilities already computed (``LoadedModel.predict_paths``)."""
     decisions = loaded.decide(np.nan_to_num(probs))
     rows = []
     for path, p, good, label in zip(files, probs, ok, decisions):
