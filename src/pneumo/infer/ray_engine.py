@@ -106,7 +106,8 @@ def ray_chunks(
     size = read_model_meta(folder / "model.json").image_size
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        local = {} if address else {"include_dashboard": False}  # a cluster being joined keeps its own settings
+        ray.init(address=address, log_to_driver=False, **local)
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = progress
