@@ -46,7 +46,10 @@ DEFAULT_DATA = Path("/work/shared/data/chest_xray_224/train")
 
 def child_env() -> dict[str, str]:
     path = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0", "PNEUMO_NO_CACHE": "1"}
+    # one intra-op thread per process (what torchrun gives each rank): on a shared 2-core machine more
+    # threads spin-wait for each other and burn the CPU share the measured work needs
+    env = {"PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0", "PNEUMO_NO_CACHE": "1", "OMP_NUM_THREADS": "1"}
+    return {**os.environ, **env}
 
 
 class PeakMemory:
@@ -111,9 +114,9 @@ def train_cmd(out: Path, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "pneumo", "train", str(SAMPLE), "--out", str(out), "--json", *extra]
 
 
-def bench_ddp(work: Path, image_size: int, epochs: int) -> dict:
+def bench_ddp(work: Path, image_size: int, epochs: int, modes: list[str]) -> dict:
     results = {}
-    for mode in ("features", "full"):
+    for mode in modes:
         for nproc in (1, 2):
             out = work / f"ddp-{mode}-{nproc}"
             extra = ["--epochs", str(epochs), "--image-size", str(image_size), "--mode", mode, "--seed", "3"]
@@ -175,9 +178,13 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument("--ddp-epochs", type=int, default=2)
+    ap.add_argument("--ddp-modes", default="features,full", help="training modes to time with 1 and 2 processes")
     ap.add_argument("--skip-ddp", action="store_true")
     ap.add_argument("--skip-predict", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale.json")
+    ap.add_argument(
+        "--model", type=Path, default=None, help="a model folder to predict with (default: train the tiny one)"
+    )
     args = ap.parse_args()
 
     result: dict = {
@@ -194,15 +201,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="pneumo-scale-") as tmp:
         work = Path(tmp)
         if not args.skip_ddp:
-            result["ddp_on_sample"] = bench_ddp(work, args.image_size, args.ddp_epochs)
+            result["ddp_on_sample"] = bench_ddp(work, args.image_size, args.ddp_epochs, args.ddp_modes.split(","))
         if not args.skip_predict:
             model_run = work / "ddp-features-1"
-            if not (model_run / "model").is_dir():
+            if args.model is None and not (model_run / "model").is_dir():
                 extra = ["--epochs", "1", "--image-size", str(args.image_size), "--seed", "3"]
                 run_measured(train_cmd(model_run, extra), work)
+            model = args.model or model_run / "model"
             sizes = [int(s) for s in args.sizes.split(",")]
             engines = args.engines.split(",")
-            result["predict"] = bench_predict(work, args.data, model_run / "model", sizes, engines, args.chunk_size)
+            result["predict"] = bench_predict(work, args.data, model, sizes, engines, args.chunk_size)
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
