@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import sys
 import tempfile
@@ -159,3 +160,15 @@ def test_ray_engine_writes_the_rows_of_the_local_engine(ray_cluster, trained_run
 def test_summary_reads_as_a_sentence(tmp_path):
     s = batch.BatchSummary(str(tmp_path / "p.csv"), "local", 10, 4, 6, 1, 2.0, 3.0)
     assert "6 images predicted (1 unreadable)" in batch.format_summary(s) and "4 of 10" in batch.format_summary(s)
+
+
+def test_archive_readings_are_recorded_in_the_audit_trail(trained_run, archive, tmp_path, capsys):
+    from pneumo.audit.summary import summarise
+
+    db = tmp_path / "audit.sqlite"
+    args = ["predict", str(trained_run), str(archive), "--out", str(tmp_path / "p.csv"), "--db", str(db)]
+    assert main([*args, "--chunk-size", "25", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predicted"] == 61
+    assert summarise(db)["readings"] == 60  # every readable film, a chunk at a time; the broken file is not a reading
+    assert main([*args, "--json"]) == 0  # a rerun skips what is done, and so records nothing twice
+    assert summarise(db)["readings"] == 60

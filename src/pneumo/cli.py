@@ -219,16 +219,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         if args.csv:
             raise PneumoError("--csv prints rows; with --out the format follows the file name (.csv or .parquet)")
-        summary = predict_archive(
-            args.model,
-            args.paths,
-            args.out,
-            engine=args.engine,
-            address=args.address,
-            chunk_size=args.chunk_size,
-            tta=args.tta,
-            progress=not args.json,
-        )
+        trail = None
+        if not args.no_audit:  # every reading recorded, a chunk at a time
+            from pneumo.audit.record import AuditTrail
+            from pneumo.infer.model_folder import model_folder
+
+            trail = AuditTrail.open(args.db, model_folder(args.model))
+        try:
+            summary = predict_archive(
+                args.model,
+                args.paths,
+                args.out,
+                engine=args.engine,
+                address=args.address,
+                chunk_size=args.chunk_size,
+                tta=args.tta,
+                progress=not args.json,
+                on_chunk=trail.record_files if trail else None,
+            )
+        finally:
+            if trail is not None:
+                trail.close()
         emit_json(summary.to_dict()) if args.json else print(format_summary(summary))
         return 1 if summary.predicted and summary.errors == summary.predicted else 0
     if args.engine != "local" or args.address is not None:

@@ -22,7 +22,7 @@ import csv
 import io
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -197,8 +197,13 @@ def predict_archive(
     chunk_size: int = DEFAULT_CHUNK,
     tta: bool = False,
     progress: bool = True,
+    on_chunk: Callable[[list[dict[str, Any]], float], object] | None = None,
 ) -> BatchSummary:
-    """Predict every image under ``paths`` into ``out`` (.csv or .parquet), skipping those already there."""
+    """Predict every image under ``paths`` into ``out`` (.csv or .parquet), skipping those already there.
+
+    ``on_chunk(rows, seconds)`` hears each chunk once it is written (``pneumo predict`` records the
+    readings in the audit trail there); rows as ``predict_files`` gives them (no key for a missing value).
+    """
     if engine not in ENGINES:
         raise PneumoError(f"--engine {engine}: choose {' or '.join(ENGINES)}")
     if address is not None and engine != "ray":
@@ -220,8 +225,13 @@ def predict_archive(
         chunks = local_chunks(load_model(folder), todo, chunk_size, tta) if todo else iter(())
     written = errors = 0
     with tqdm(total=len(todo), desc=f"predicting ({engine})", unit="img", disable=not progress) as bar:
+        last = time.perf_counter()
         for rows in chunks:
             output.append(rows)
+            if on_chunk is not None:
+                now = time.perf_counter()
+                on_chunk([{k: v for k, v in r.items() if v is not None} for r in rows], now - last)
+                last = now
             written += len(rows)
             errors += sum(1 for r in rows if r.get("error"))
             bar.update(len(rows))

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pneumo.errors import PneumoError
 from pneumo.extras import require
 
 STRING_COLUMNS = ("path", "label", "error")
@@ -107,7 +108,11 @@ def ray_chunks(
     started_here = not ray.is_initialized()
     if started_here:
         local = {} if address else {"include_dashboard": False}  # a cluster being joined keeps its own settings
-        ray.init(address=address, log_to_driver=False, **local)
+        try:
+            ray.init(address=address, log_to_driver=False, **local)
+        except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; each means no cluster to work on
+            where = f"join the Ray cluster at {address}" if address else "start a Ray cluster on this machine"
+            raise PneumoError(f"--engine ray: could not {where} ({type(exc).__name__}: {str(exc)[:300]})") from None
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = progress
