@@ -52,7 +52,9 @@ def test_streamed_csv_has_the_rows_of_predict(trained_run, archive, tmp_path):
             assert got["error"] == want["error"] and got["label"] == ""
             continue
         assert got["label"] == want["label"] and got["error"] == ""
-        assert abs(float(got["p_PNEUMONIA"]) - want["p_PNEUMONIA"]) < 1e-6
+        assert (
+            abs(float(got["p_PNEUMONIA"]) - want["p_PNEUMONIA"]) < 1e-5
+        )  # other batch sizes and thread counts round differently
 
 
 def test_a_rerun_skips_what_is_done_and_a_torn_line_is_redone(trained_run, archive, tmp_path):
@@ -152,7 +154,7 @@ def test_ray_engine_writes_the_rows_of_the_local_engine(ray_cluster, trained_run
     for path, row in rows.items():
         assert (row["label"] or "") == want[path]["label"] and (row["error"] or "") == want[path]["error"]
         if row["p_PNEUMONIA"] is not None:
-            assert np.isclose(row["p_PNEUMONIA"], float(want[path]["p_PNEUMONIA"]), atol=1e-6)
+            assert np.isclose(row["p_PNEUMONIA"], float(want[path]["p_PNEUMONIA"]), atol=1e-5)
     again = predict_archive(trained_run, [archive], out, engine="ray", progress=False)
     assert (again.already_done, again.predicted) == (61, 0)
 
