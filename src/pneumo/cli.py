@@ -118,9 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"--resume continues {args.out} with the options it was started with; these cannot "
                 f"change: {', '.join(given)} (drop them, or start a new run with another --out)"
             )
-        from pneumo.training.loop import train
-
-        result = train(resume=True, out=args.out, progress=not args.json, track=args.track)
+        options = {"resume": True, "out": args.out}
     else:
         if args.data is None:
             raise PneumoError("give the data folder: pneumo train DATA")
@@ -130,9 +128,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             options.setdefault("unfreeze_epochs", DEFAULT_UNFREEZE_EPOCHS)
         cfg = TrainConfig.from_dict({**options, "data": args.data})  # a mistyped option fails before any data is read
         check_weights_available(cfg.arch, cfg.pretrained, cfg.weights)  # offline: before torch is even imported
-        from pneumo.training.loop import train
+    from pneumo.training.distributed import launch, launched_rank, launched_world_size
 
-        result = train(args.data, progress=not args.json, track=args.track, **options)
+    if args.nproc is not None and args.nproc != 1 and launched_world_size() == 1:
+        launch(args.nproc, without_option(args.argv, "--nproc"))  # torchrun's launcher starts N copies of this command
+        return 0
+    from pneumo.training.loop import train
+
+    result = train(args.data, progress=not args.json, track=args.track, **options)
+    if launched_rank() != 0:  # under torchrun rank 0 alone reports
+        return 0
     summary = {
         "run_dir": str(result.run_dir),
         "model_dir": str(result.model_dir),
@@ -151,6 +156,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(training_summary(result.model_dir)["sentence"])
         print_validation(result.evaluation)
     return 0
+
+
+def without_option(argv: Sequence[str], flag: str) -> list[str]:
+    """``argv`` less ``flag VALUE`` / ``flag=VALUE`` (the copies torchrun starts must not launch again)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith(flag + "="):
+            skip = False
+            continue
+        skip = arg == flag
+        if not skip:
+            out.append(arg)
+    return out
 
 
 def print_validation(evaluation: dict) -> None:
@@ -202,6 +220,36 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.out is not None:  # an archive: streamed, bounded memory, resumable
+        from pneumo.infer.batch import format_summary, predict_archive
+
+        if args.csv:
+            raise PneumoError("--csv prints rows; with --out the format follows the file name (.csv or .parquet)")
+        trail = None
+        if not args.no_audit:  # every reading recorded, a chunk at a time
+            from pneumo.audit.record import AuditTrail
+            from pneumo.infer.model_folder import model_folder
+
+            trail = AuditTrail.open(args.db, model_folder(args.model))
+        try:
+            summary = predict_archive(
+                args.model,
+                args.paths,
+                args.out,
+                engine=args.engine,
+                address=args.address,
+                chunk_size=args.chunk_size,
+                tta=args.tta,
+                progress=not args.json,
+                on_chunk=trail.record_files if trail else None,
+            )
+        finally:
+            if trail is not None:
+                trail.close()
+        emit_json(summary.to_dict()) if args.json else print(format_summary(summary))
+        return 1 if summary.predicted and summary.errors == summary.predicted else 0
+    if args.engine != "local" or args.address is not None:
+        raise PneumoError("--engine ray and --address write an archive's predictions: add --out FILE.csv|FILE.parquet")
     from pneumo.infer.predict import predict_files, write_predictions
 
     progress = not (args.json or args.csv)
@@ -564,6 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="log the run to TensorBoard (RUN/tensorboard) and/or MLflow ($MLFLOW_TRACKING_URI, else "
         "sqlite:///mlflow.db here); repeat or comma-separate; needs pneumo[tensorboard] / pneumo[mlflow]",
     )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train with N processes on this machine (DDP through torchrun: one per GPU, or gloo on CPUs); "
+        "same as torchrun --standalone --nproc-per-node N -m pneumo train ...",
+    )
     add_training_arguments(p, "train").add_argument(
         "--unfreeze",
         action="store_true",
@@ -613,6 +669,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help=TTA_HELP)
     add_audit_arguments(p)
     add_runtime_argument(p)
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE",
+        help="stream the predictions into FILE.csv or FILE.parquet (a folder of parts) in chunks, memory bounded; "
+        "a rerun skips the files already there",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="with --out: local (this process, the default) or ray (Ray Data; needs pneumo[ray])",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --engine ray: the cluster to join (auto, or ray://HEAD:10001); default: start one on this machine",
+    )
+    p.add_argument("--chunk-size", type=int, default=256, metavar="N", help="with --out: images per chunk")
 
     p = command(
         "ensemble",
@@ -758,6 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `train --nproc N` hands to torchrun
     try:
         return args.handler(args)
     except PneumoError as exc:

@@ -75,6 +75,7 @@ class RunFolder:
         self.evaluation_file, self.model_dir = self.path / "valid_eval.json", self.path / "model"
         self.checkpoint_file, self.features_file = checkpoints / "last.pt", checkpoints / "features.pt"
         self.previous_checkpoint_file = checkpoints / "previous.pt"  # the epoch before last.pt's
+        self.distributed_file = self.path / "distributed.json"
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -224,6 +225,14 @@ class RunFolder:
         if isinstance(legacy, dict) and "reweighted" not in report:
             report["reweighted"] = {"target_pos_fraction": LEGACY_REWEIGHTED_FRACTION, "metrics": legacy}
         return report
+
+    # ------------------------------------------------------------------ distributed.json
+    def write_distributed(self, record: dict[str, Any]) -> None:
+        """How a torchrun run was shared: world size, backend, per-rank split and weight digests, timings."""
+        atomic_write_json(self.distributed_file, record)
+
+    def read_distributed(self) -> dict[str, Any]:
+        return self._json(self.distributed_file, "a run trained with torchrun / --nproc")
 
     # ------------------------------------------------------------------ model/model.json
     def read_model_meta(self) -> ModelMeta:

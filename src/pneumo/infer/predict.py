@@ -64,15 +64,30 @@ def predict_files(
     pixels = np.asarray(decoded.pixels)[ok]
     probs = np.full((len(files), len(loaded.classes)), np.nan, dtype=np.float32)
     probs[ok] = loaded.probabilities(pixels, tta=tta)
-    verdicts = iter(ScopeCheck(loaded).check(pixels, [f for f, good in zip(files, ok) if good]))
+    verdicts = ScopeCheck(loaded).check(pixels, [f for f, good in zip(files, ok) if good])
+    return prediction_rows(loaded, files, probs, ok, errors, verdicts)
+
+
+def prediction_rows(
+    loaded: LoadedModel,
+    files: Sequence[str | Path],
+    probs: np.ndarray,
+    ok: np.ndarray,
+    errors: dict[str, str],
+    verdicts: Sequence[dict] | None = None,
+) -> list[dict]:
+    """The rows of ``predict_files`` for probabilities already computed; ``verdicts``: one scope
+    verdict per readable film (``ScopeCheck.check``), or None when scope was not checked."""
+    unchecked = {"in_scope": None, "scope_reason": "not checked", "scope_distance": None}
+    verdict_of = iter(verdicts) if verdicts is not None else None
     decisions = loaded.decide(np.nan_to_num(probs))
     rows = []
     for path, p, good, label in zip(files, probs, ok, decisions):
         if not good:
             rows.append({"path": str(path), "error": errors.get(str(path), "unreadable")})
             continue
-        verdict = next(verdicts)
-        positive, in_scope = loaded.positive, verdict["in_scope"]
+        verdict = next(verdict_of) if verdict_of is not None else unchecked
+        positive, in_scope = loaded.positive, verdict["in_scope"] is not False
         rows.append(
             {
                 "path": str(path),
@@ -85,7 +100,7 @@ def predict_files(
                 **verdict,
             }
         )
-        if not verdict["in_scope"]:
+        if not in_scope:
             sys.stderr.write(f"warning: {path}: out of scope, no label given: {verdict['scope_reason']}\n")
     return rows
 

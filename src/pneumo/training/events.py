@@ -17,6 +17,8 @@ Built in: ``MetricsCSV`` (``metrics.csv``, always on) and ``EpochTable`` (the pr
 ``train(quiet=True)``); trackers live in ``tracking.py``. A callback that raises stops the run with a
 ``TrainingError`` naming the callback and the event; the last checkpoint stays, so ``--resume`` continues.
 Callbacks only watch: they must not draw random numbers from torch or touch the model's weights.
+Under torchrun (``distributed.py``) callbacks run on rank 0 alone, the one rank that writes the run
+folder; ``row["train_loss"]`` is then the mean over the ranks.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from pneumo.errors import TrainingError
 from pneumo.nets.batchnorm import adapt_batchnorm
 from pneumo.nets.models import XrayNet
 from pneumo.run_folder import RunFolder
+from pneumo.training import distributed
 from pneumo.training.setup import RunSetup, TrainData, timed
 
 
@@ -118,58 +119,77 @@ def cached_features(setup: RunSetup, folder: RunFolder, progress: bool) -> dict[
     The two passes add their seconds to ``setup.timings`` (``bn_adapt_s``, ``features_s``).
     """
     cfg, model, data, device, generator = setup.cfg, setup.model, setup.data, setup.device, setup.generator
+    ctx = distributed.current()
     key = features_key(cfg, data)
     own = folder.features_file
     shared = default_cache_dir() / f"features-{key}.pt"
     use_shared = shared_cache_enabled()
-    for candidate in (own, shared) if use_shared else (own,):
-        if not candidate.exists():
-            continue
-        try:
-            saved = folder.load_checkpoint(candidate)
-        except TrainingError:  # a damaged cache file is computed again, never trusted
-            continue
-        if saved.get("key") != key:  # another data set or config wrote this folder before
-            continue
+    found = _saved_features(folder, (own, shared) if use_shared else (own,), key)
+    if all(f is not None for f in distributed.all_gather_object(found and found[0])):  # every rank holds them
+        candidate, saved = found
         model.body.load_state_dict(saved["body"])
         generator.set_state(saved["generator"])
-        if candidate != own:
+        if candidate != own and ctx.is_main:
             folder.save_checkpoint(own, **saved)
         return {"train": saved["train"], "valid": saved["valid"]}
     rng = np.random.default_rng(cfg.seed)
     sample = np.sort(rng.permutation(len(data.train_pixels))[: cfg.bn_adapt_images])
     if cfg.bn_adapt_images > 0:
         with timed(setup.timings, "bn_adapt_s"):
-            adapt_batchnorm(model, data.train_pixels[sample], device, cfg.bn_adapt_batch_size, progress=progress)
-    with timed(setup.timings, "features_s"):
-        views = [
-            extract_features(
+            if ctx.is_main:  # one estimate, sent to every rank: the ranks' bodies stay identical
+                adapt_batchnorm(model, data.train_pixels[sample], device, cfg.bn_adapt_batch_size, progress=progress)
+            distributed.broadcast_module(model.body)
+    with timed(setup.timings, "features_s"):  # under torchrun each rank computes its share, then all gather
+        views = []
+        for v in range(cfg.feature_views):
+            augmenter = distributed.rank_generator(generator) if cfg.augment and v > 0 else None
+
+            def train_view(rows: slice, v: int = v, augmenter: torch.Generator | None = augmenter) -> torch.Tensor:
+                return extract_features(
+                    model,
+                    data.train_pixels[rows],
+                    device,
+                    progress=progress,
+                    generator=augmenter,
+                    augment_policy=cfg.augment_policy,
+                    desc=f"features, train view {v + 1}/{cfg.feature_views}",
+                    trainable_stages=cfg.trainable_stages,
+                )
+
+            views.append(distributed.gather_shards(len(data.train_pixels), train_view))
+        valid = distributed.gather_shards(
+            len(data.valid_pixels),
+            lambda rows: extract_features(
                 model,
-                data.train_pixels,
+                data.valid_pixels[rows],
                 device,
                 progress=progress,
-                generator=generator if (cfg.augment and v > 0) else None,
-                augment_policy=cfg.augment_policy,
-                desc=f"features, train view {v + 1}/{cfg.feature_views}",
+                desc="features, valid",
                 trainable_stages=cfg.trainable_stages,
-            )
-            for v in range(cfg.feature_views)
-        ]
-        valid = extract_features(
-            model,
-            data.valid_pixels,
-            device,
-            progress=progress,
-            desc="features, valid",
-            trainable_stages=cfg.trainable_stages,
-            half=False,
+                half=False,
+            ),
         )
     feats = {"train": torch.stack(views), "valid": valid}
-    saved = dict(key=key, body=model.body.state_dict(), generator=generator.get_state(), **feats)
-    folder.save_checkpoint(own, **saved)
-    if use_shared:
-        try:
-            folder.save_checkpoint(shared, **saved)
-        except OSError:
-            pass  # a read-only cache costs time next run, never this one
+    if ctx.is_main:
+        saved = dict(key=key, body=model.body.state_dict(), generator=generator.get_state(), **feats)
+        folder.save_checkpoint(own, **saved)
+        if use_shared:
+            try:
+                folder.save_checkpoint(shared, **saved)
+            except OSError:
+                pass  # a read-only cache costs time next run, never this one
     return feats
+
+
+def _saved_features(folder: RunFolder, candidates: tuple[Path, ...], key: str) -> tuple[Path, dict] | None:
+    """The first candidate file holding features under ``key``: (path, contents), else None."""
+    for candidate in candidates:
+        if not candidate.exists():
+            continue
+        try:
+            saved = folder.load_checkpoint(candidate)
+        except TrainingError:  # a damaged cache file is computed again, never trusted
+            continue
+        if saved.get("key") == key:  # else another data set or config wrote this folder before
+            return candidate, saved
+    return None

@@ -15,6 +15,7 @@ callbacks hear of it (``events.py``): ``metrics.csv``, the printed table and tra
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from pneumo.config import TrainConfig
 from pneumo.errors import PneumoError, TrainingError
 from pneumo.nets.hub import check_weights_available
 from pneumo.run_folder import RunFolder, SplitRecord
+from pneumo.training import distributed
 from pneumo.training.events import Callback, EpochTable, MetricsCSV, Run, emit
 from pneumo.training.finish import RunResult, finish_run
 from pneumo.training.phases import build_phase
@@ -68,9 +70,12 @@ def train(
     With ``resume=True`` and ``out=RUN_DIR``, the run continues from its last checkpoint with the
     config it was started with. ``quiet`` prints no epoch table; ``callbacks`` hear the run's events
     (``events.Callback``); ``track`` names trackers (``"tensorboard"``, ``"mlflow"``, see ``tracking.py``).
+
+    Under torchrun (``torchrun --nproc-per-node N -m pneumo train``) every process calls this: see
+    ``distributed.py`` for how the work is shared; rank 0 alone writes the run folder and calls the callbacks.
     """
     # --- the config: given, or read back from the run being resumed -----------------------------
-    state: dict | None = None
+    folder: RunFolder | None = None
     if resume:
         folder = RunFolder(options["out"]) if options.get("out") else None
         if folder is None or not folder.config_file.exists():
@@ -85,41 +90,68 @@ def train(
             )
         cfg = folder.read_config()
         cfg.out = str(folder.path)  # where it is now, wherever it was started from
+    else:
+        cfg = TrainConfig.from_dict({**options, "data": str(data)})  # checked as it is made
+        check_weights_available(cfg.arch, cfg.pretrained, cfg.weights)  # offline: before any data is read
+    ctx = distributed.setup(cfg.device)  # torchrun's process group; one process: nothing to join
+    try:
+        result = _train(cfg, folder, progress and ctx.is_main, quiet, callbacks, track, stop_after_epoch)
+    except BaseException:
+        distributed.teardown(clean=False)
+        raise
+    distributed.teardown()
+    return result
+
+
+def _train(
+    cfg: TrainConfig,
+    resumed: RunFolder | None,
+    progress: bool,
+    quiet: bool,
+    callbacks: Sequence[Callback],
+    track: Sequence[str],
+    stop_after_epoch: int | None,
+) -> RunResult:
+    """The run on each rank of a distributed run (or the one process); ``resumed``: the run folder to continue."""
+    ctx = distributed.current()
+    main = ctx.is_main  # rank 0 alone writes the run folder and hears the events
+    state: dict | None = None
+    if resumed is not None:
+        folder = resumed
         state = folder.load_checkpoint() if folder.has_started() else None
         missing = sorted(CHECKPOINT_KEYS - set(state or {}))
         if state is not None and missing:
             raise TrainingError(f"{folder.checkpoint_file}: not a pneumo training checkpoint (no {', '.join(missing)})")
     else:
-        cfg = TrainConfig.from_dict({**options, "data": str(data)})  # checked as it is made
-        check_weights_available(cfg.arch, cfg.pretrained, cfg.weights)  # offline: before any data is read
-        folder = RunFolder(new_run_dir(cfg))
-        if folder.has_started():
-            raise PneumoError(
-                f"{folder.path} holds a run already: add --resume to continue it, or choose another --out"
-            )
+        folder = RunFolder(distributed.on_main(lambda: str(new_run_folder(cfg).path)))
         cfg.out = str(folder.path)
-    callbacks = [MetricsCSV(), *([] if quiet else [EpochTable()]), *make_trackers(track, folder.path), *callbacks]
-    created = folder.make()
-    folder.write_config(cfg)
+    created = None
+    if main:
+        callbacks = [MetricsCSV(), *([] if quiet else [EpochTable()]), *make_trackers(track, folder.path), *callbacks]
+        created = folder.make()
+        folder.write_config(cfg)
+    else:
+        callbacks = []
 
     # --- data and model, built as the LR range test builds them --------------------------------------
     started = time.perf_counter()
     try:
         setup = prepare_run(cfg, progress, pretrained=state is None)
     except BaseException:  # refused data, say: leave no run folder holding only config.json
-        if not resume:  # a resumed run's config.json is the user's
+        if resumed is None and main:  # a resumed run's config.json is the user's
             folder.discard_unstarted(created)
         raise
     model, generator, valid_y = setup.model, setup.generator, setup.valid_y
-    folder.write_split(
-        SplitRecord(
-            cfg.split,
-            setup.data.classes,
-            [str(s.path) for s in setup.data.train],
-            [str(s.path) for s in setup.data.valid],
-            setup.data.notes,
-        )
+    split = SplitRecord(
+        cfg.split,
+        setup.data.classes,
+        [str(s.path) for s in setup.data.train],
+        [str(s.path) for s in setup.data.valid],
+        setup.data.notes,
     )
+    split_hashes = distributed.check_identical("the split", split_digest(split))
+    if main:
+        folder.write_split(split)
     history: list[dict] = json.loads(state["history"]) if state else []
     run = Run(cfg, folder, setup, history, resumed=state is not None, progress=progress)
     if state:
@@ -154,7 +186,7 @@ def train(
         for epoch in range(first, epochs):
             emit(callbacks, "on_epoch_start", run, name, len(history) + 1)
             t0 = time.perf_counter()
-            train_loss = phase.train_epoch(epoch, progress)
+            train_loss = distributed.mean_across_ranks(phase.train_epoch(epoch, progress))
             t1 = time.perf_counter()
             logits = valid_logits = phase.valid_logits().cpu()
             valid_loss = F.cross_entropy(logits, valid_y).item()
@@ -170,26 +202,57 @@ def train(
                 "elapsed": round(time.perf_counter() - started, 2),
             }
             history.append(row)
-            folder.save_checkpoint(
-                phase=phase_index,
-                epoch=epoch + 1,
-                model=model.state_dict(),
-                optimizer=phase.opt.state_dict(),
-                generator=generator.get_state(),
-                torch_rng=torch.get_rng_state(),
-                history=json.dumps(history),
-                cuda_rng=torch.cuda.get_rng_state_all() if setup.device.type == "cuda" else [],
-                scaler=phase.scaler.state_dict() if phase.scaler is not None else {},
-            )
+            if main:
+                folder.save_checkpoint(
+                    phase=phase_index,
+                    epoch=epoch + 1,
+                    model=model.state_dict(),
+                    optimizer=phase.opt.state_dict(),
+                    generator=generator.get_state(),
+                    torch_rng=torch.get_rng_state(),
+                    history=json.dumps(history),
+                    cuda_rng=torch.cuda.get_rng_state_all() if setup.device.type == "cuda" else [],
+                    scaler=phase.scaler.state_dict() if phase.scaler is not None else {},
+                )
             emit(callbacks, "on_epoch_end", run, row)  # metrics.csv first: it lands after the checkpoint
             if stop_after_epoch is not None and len(history) >= stop_after_epoch:
                 raise StopRequested(f"stopped after epoch {len(history)} as asked")
         start_phase, start_epoch = phase_index + 1, 0
 
-    # --- calibration, threshold, figures and the model folder, from validation only -------------------
+    # --- every rank holds the same weights; rank 0 calibrates, chooses the threshold, writes the model ---
+    weight_hashes = distributed.check_identical("the trained weights", distributed.state_hash(model))
     if cfg.tta:
         valid_logits = None  # predict afresh with flipped copies
+    if not main:  # wait for rank 0's evaluation (within the process group's timeout)
+        evaluation, notes = distributed.broadcast_object(None)
+        return RunResult(folder.path, folder.model_dir, history, evaluation, notes)
     with timed(setup.timings, "finish_s"):
         result = finish_run(cfg, folder.path, model, setup.data, history, setup.device, valid_logits, progress)
+    if ctx.enabled:
+        folder.write_distributed(
+            {
+                "world_size": ctx.world_size,
+                "backend": ctx.backend,
+                "mode": setup.mode,
+                "split_sha256": split_hashes,
+                "weights_sha256": weight_hashes,
+                "timings": {k: round(v, 3) for k, v in setup.timings.items()},
+            }
+        )
+        distributed.broadcast_object((result.evaluation, result.notes))
     emit(callbacks, "on_run_end", run, result)
     return result
+
+
+def new_run_folder(cfg: TrainConfig) -> RunFolder:
+    """The folder of a new run (``--out``, else a stamped one); refused when it holds a run already."""
+    folder = RunFolder(new_run_dir(cfg))
+    if folder.has_started():
+        raise PneumoError(f"{folder.path} holds a run already: add --resume to continue it, or choose another --out")
+    return folder
+
+
+def split_digest(split: SplitRecord) -> str:
+    """A digest of the split (classes, train and validation files in order): equal on every rank or the run stops."""
+    text = json.dumps([split.method, split.classes, split.train, split.valid])
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -18,6 +18,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from pneumo.config import TrainConfig
@@ -25,6 +26,7 @@ from pneumo.data.augment import augment_batch
 from pneumo.errors import TrainingError
 from pneumo.nets.models import XrayNet, set_body_trainable
 from pneumo.run_folder import RunFolder
+from pneumo.training import distributed
 from pneumo.training.features import cached_features
 from pneumo.training.schedule import discriminative_lrs, one_cycle, one_cycle_momentum
 from pneumo.training.setup import RunSetup
@@ -198,6 +200,28 @@ class FullNetwork(Phase):
         self.augment, self.amp, self.channels_last = augment, amp, channels_last
         if amp == torch.float16:  # fp16 gradients underflow without scaling; bf16 has fp32's range
             self.scaler = torch.amp.GradScaler(self.device.type)
+        # under torchrun: DDP all-reduces the gradients, each rank augments with its own generator
+        self.net, self.augment_gen = distributed.wrap_ddp(self.model), self.gen
+
+    def batches(self) -> list[torch.Tensor]:
+        """One process: ``Phase.batches``. Under torchrun: this rank's ``batch_size / N`` images of each
+        global batch, from a ``DistributedSampler`` seeded by the shared generator (so resume draws the same)."""
+        ctx = distributed.current()
+        if not ctx.enabled:
+            return super().batches()
+        seed = int(torch.randint(2**31, (1,), generator=self.gen))
+        self.augment_gen = distributed.rank_generator(self.gen)
+        sampler = DistributedSampler(
+            range(self.n_train), ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=True
+        )
+        order = torch.tensor(list(sampler)).to(self.device, non_blocking=True)
+        bs = max(1, self.bs // ctx.world_size)
+        return [order[i * bs : (i + 1) * bs] for i in range(self.steps_per_epoch)]
+
+    def train_epoch(self, epoch: int, progress: bool) -> float:
+        loss = super().train_epoch(epoch, progress)
+        distributed.broadcast_module(self.model)  # BatchNorm statistics moved on each rank's own last batch
+        return loss
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
@@ -209,19 +233,28 @@ class FullNetwork(Phase):
     def step(self, idx: torch.Tensor) -> torch.Tensor:
         self.model.train()
         x = self.train_x[idx]
-        x = augment_batch(x.unsqueeze(1), self.gen, policy=self.augment_policy).squeeze(1) if self.augment else x
+        x = (
+            augment_batch(x.unsqueeze(1), self.augment_gen, policy=self.augment_policy).squeeze(1)
+            if self.augment
+            else x
+        )
         with self._autocast():
-            logits = self.model(self._prepare(x))
+            logits = self.net(self._prepare(x))
         return F.cross_entropy(logits.float(), self.train_y[idx], weight=self.class_weights)
 
     @torch.inference_mode()
     def valid_logits(self, batch_size: int = 128) -> torch.Tensor:
+        """Under torchrun each rank predicts its share of the validation images, then all gather."""
         self.model.eval()
-        out = []
-        for i in range(0, len(self.valid_x), batch_size):
-            with self._autocast():
-                out.append(self.model(self._prepare(self.valid_x[i : i + batch_size])).float())
-        return torch.cat(out)
+
+        def predict(rows: slice) -> torch.Tensor:
+            valid_x, out = self.valid_x[rows], []
+            for i in range(0, len(valid_x), batch_size):
+                with self._autocast():
+                    out.append(self.model(self._prepare(valid_x[i : i + batch_size])).float())
+            return torch.cat(out)
+
+        return distributed.gather_shards(len(self.valid_x), predict).to(self.device)
 
 
 # ---------------------------------------------------------------------------------------------

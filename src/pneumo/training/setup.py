@@ -23,6 +23,7 @@ from pneumo.data.check import require_trainable
 from pneumo.data.folders import Sample, discover, make_split, printable
 from pneumo.errors import DataError, PneumoError
 from pneumo.nets.models import XrayNet, create_model
+from pneumo.training import distributed
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -165,7 +166,8 @@ def prepare_run(cfg: TrainConfig, progress: bool = True, pretrained: bool = True
     mode = resolve_mode(cfg)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
-    data = load_data(cfg, progress, timings)
+    with distributed.main_first():  # under torchrun the other ranks then read rank 0's decode cache
+        data = load_data(cfg, progress, timings)
     with timed(timings, "create_model_s"):
         model = build_model(cfg, len(data.classes), device, pretrained)
     generator = torch.Generator().manual_seed(cfg.seed)
