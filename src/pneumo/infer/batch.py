@@ -34,18 +34,13 @@ from tqdm.auto import tqdm
 from pneumo.errors import DataError, PneumoError
 from pneumo.extras import require
 from pneumo.infer.model_folder import LoadedModel, load_model, model_folder
-from pneumo.infer.predict import expand_paths, prediction_rows
+from pneumo.infer.predict import expand_paths, output_columns, prediction_rows
 from pneumo.infer.scope import ScopeCheck
 from pneumo.io_utils import atomic_write
 from pneumo.model_meta import read_model_meta
 
 ENGINES = ("local", "ray")
 DEFAULT_CHUNK = 256  # images per chunk: 256 x 224 x 224 bytes = 13 MB of pixels
-
-
-def output_columns(classes: Sequence[str]) -> list[str]:
-    """The columns of a predictions file: the same for every engine, every chunk and every rerun."""
-    return ["path", "label", "probability", "threshold", *[f"p_{c}" for c in classes], "error"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,8 +95,12 @@ class ParquetOutput:
         if path.exists() and not path.is_dir():
             raise DataError(f"{path}: a file; Parquet predictions are a folder of part files: choose another --out")
         self.path, self.columns = path, columns
-        strings = {"path", "label", "error"}
-        self.schema = self.pa.schema([(c, self.pa.string() if c in strings else self.pa.float64()) for c in columns])
+        strings = {"path", "label", "positive_class", "reading", "scope_reason", "error"}
+
+        def kind(c: str) -> Any:
+            return self.pa.string() if c in strings else self.pa.bool_() if c == "in_scope" else self.pa.float64()
+
+        self.schema = self.pa.schema([(c, kind(c)) for c in columns])
         for part in self.parts()[:1]:
             found = self.pq.read_schema(part).names
             if found != columns:

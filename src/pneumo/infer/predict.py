@@ -107,6 +107,12 @@ def prediction_rows(
 
 # The columns of ``pneumo predict --csv`` (then one p_<CLASS> per class, and error for unreadable files).
 PREDICTION_COLUMNS = ["path", "label", "positive_class", "p_positive", "threshold", "reading"]
+SCOPE_COLUMNS = ["in_scope", "scope_reason", "scope_distance"]
+
+
+def output_columns(classes: Sequence[str]) -> list[str]:
+    """The columns of an archive's predictions file (``predict --out``), the same for every engine and rerun."""
+    return [*PREDICTION_COLUMNS, *[f"p_{c}" for c in classes], *SCOPE_COLUMNS, "error"]
 
 
 def write_predictions(rows: list[dict], fmt: str, stream: IO[str]) -> None:

@@ -27,7 +27,8 @@ import numpy as np
 from pneumo.errors import PneumoError
 from pneumo.extras import require
 
-STRING_COLUMNS = ("path", "label", "error")
+STRING_COLUMNS = ("path", "label", "positive_class", "reading", "scope_reason", "error")
+FLAG_COLUMNS = ("in_scope",)  # True / False / None, kept as text so that every block has one type
 
 
 def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -54,7 +55,8 @@ class Predictor:
         self.tta = tta
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pneumo.infer.predict import prediction_rows
+        from pneumo.infer.predict import output_columns, prediction_rows
+        from pneumo.infer.scope import ScopeCheck
 
         paths = [str(p) for p in batch["path"]]
         ok = np.array([not e for e in batch["error"]], dtype=bool)
@@ -62,15 +64,18 @@ class Predictor:
         if ok.any():
             probs[ok] = self.loaded.probabilities(batch["pixels"][ok], tta=self.tta)
         errors = {p: e for p, e in zip(paths, batch["error"]) if e}
-        rows = prediction_rows(self.loaded, paths, probs, ok, errors)
-        columns = ["path", "label", "probability", "threshold", *[f"p_{c}" for c in self.loaded.classes], "error"]
-        return {c: column(rows, c) for c in columns}
+        readable = [Path(p) for p, good in zip(paths, ok) if good]
+        verdicts = ScopeCheck(self.loaded).check(batch["pixels"][ok], readable) if readable else []
+        rows = prediction_rows(self.loaded, paths, probs, ok, errors, verdicts)
+        return {c: column(rows, c) for c in output_columns(self.loaded.classes)}
 
 
 def column(rows: list[dict[str, Any]], name: str) -> np.ndarray:
     """One column with fixed types across blocks: '' for a missing string, NaN for a missing number."""
     if name in STRING_COLUMNS:
         return np.array([r.get(name) or "" for r in rows], dtype=object)
+    if name in FLAG_COLUMNS:
+        return np.array(["" if r.get(name) is None else str(r[name]) for r in rows], dtype=object)
     return np.array([np.nan if r.get(name) is None else r[name] for r in rows], dtype=np.float64)
 
 
@@ -81,7 +86,9 @@ def to_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     for values in zip(*(batch[n] for n in names)):
         row = {}
         for name, v in zip(names, values):
-            if name in STRING_COLUMNS:
+            if name in FLAG_COLUMNS:
+                row[name] = None if not v else v == "True"
+            elif name in STRING_COLUMNS:
                 row[name] = str(v) if v else None
             else:
                 row[name] = None if np.isnan(v) else float(v)
