@@ -28,13 +28,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from pneumo.errors import DataError, PneumoError
 from pneumo.extras import require
 from pneumo.infer.model_folder import LoadedModel, load_model, model_folder
-from pneumo.infer.predict import expand_paths, output_columns, prediction_rows
+from pneumo.infer.predict import expand_paths, output_columns, prediction_rows, probabilities_of, readable_pixels
 from pneumo.infer.scope import ScopeCheck
 from pneumo.io_utils import atomic_write
 from pneumo.model_meta import read_model_meta
@@ -165,10 +164,8 @@ def _predict_chunks(loaded: LoadedModel, chunks: list, decode, tta: bool) -> Ite
         for i, paths in enumerate(chunks):
             decoded = pending.result()
             pending = pool.submit(decode, chunks[i + 1]) if i + 1 < len(chunks) else None
-            probs = np.full((len(paths), len(loaded.classes)), np.nan, dtype=np.float32)
-            pixels = np.asarray(decoded.pixels)[decoded.ok]
-            if decoded.ok.any():
-                probs[decoded.ok] = loaded.probabilities(pixels, tta=tta)
+            pixels = readable_pixels(decoded)
+            probs = probabilities_of(loaded, decoded.ok, pixels, tta)
             readable = [Path(p) for p, good in zip(paths, decoded.ok) if good]
             verdicts = scope.check(pixels, readable) if readable else []
             yield prediction_rows(loaded, paths, probs, decoded.ok, decoded.errors, verdicts)

@@ -25,7 +25,6 @@ import json
 import platform
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -291,16 +290,6 @@ class OnnxModel:
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         return self.meta.decide(probs)
-
-    def predict_paths(
-        self, paths: Sequence[str | Path], progress: bool = True, tta: bool = False
-    ) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
-        """(probs, ok, errors) for image files, decoded as ``LoadedModel.predict_paths`` decodes them."""
-        decoded = decode_images([Path(p) for p in paths], self.meta.image_size, progress=progress, use_cache=False)
-        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
-        if decoded.ok.any():
-            probs[decoded.ok] = self.probabilities(np.asarray(decoded.pixels)[decoded.ok], tta=tta)
-        return probs, decoded.ok, decoded.errors
 
 
 def read_sidecar(onnx_path: Path) -> tuple[dict[str, Any], ModelMeta]:

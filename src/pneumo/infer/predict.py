@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -60,12 +60,26 @@ def predict_files(
     loaded = open_model(model, runtime)
     files = expand_paths(paths)
     decoded = decode_images(files, loaded.meta.image_size, progress=progress, use_cache=False)
-    ok, errors = decoded.ok, decoded.errors
-    pixels = np.asarray(decoded.pixels)[ok]
-    probs = np.full((len(files), len(loaded.classes)), np.nan, dtype=np.float32)
-    probs[ok] = loaded.probabilities(pixels, tta=tta)
-    verdicts = ScopeCheck(loaded).check(pixels, [f for f, good in zip(files, ok) if good])
-    return prediction_rows(loaded, files, probs, ok, errors, verdicts)
+    pixels = readable_pixels(decoded)
+    probs = probabilities_of(loaded, decoded.ok, pixels, tta)
+    verdicts = ScopeCheck(loaded).check(pixels, [f for f, good in zip(files, decoded.ok) if good])
+    return prediction_rows(loaded, files, probs, decoded.ok, decoded.errors, verdicts)
+
+
+def readable_pixels(decoded: Any) -> np.ndarray:
+    """The pixels of the films ``decode_images`` could read, in order."""
+    return np.asarray(decoded.pixels)[decoded.ok]
+
+
+def probabilities_of(loaded: Any, ok: np.ndarray, pixels: np.ndarray, tta: bool = False) -> np.ndarray:
+    """One row of probabilities per file: the model's for the readable ``pixels``, NaN for the others.
+
+    Any runtime's model (``LoadedModel``, ``OnnxModel``): predict, evaluate and the archive engines
+    all fill their tables here."""
+    probs = np.full((len(ok), len(loaded.classes)), np.nan, dtype=np.float32)
+    if len(pixels):
+        probs[ok] = loaded.probabilities(pixels, tta=tta)
+    return probs
 
 
 def prediction_rows(
@@ -170,16 +184,12 @@ def evaluate_model_on_folder(
     if unknown:
         raise PneumoError(f"{data}: classes {sorted(unknown)} are not among the model's {loaded.classes}")
     samples = dataset.split(chosen)
+    decoded = decode_images([s.path for s in samples], loaded.meta.image_size, progress=progress, use_cache=False)
+    ok, errors, pixels = decoded.ok, decoded.errors, readable_pixels(decoded)
     adapted = None
-    if adapt is None:
-        probs, ok, errors = loaded.predict_paths([s.path for s in samples], progress=progress, tta=tta)
-    else:  # decoded once: the films adapt the model, then the adapted model reads them
-        decoded = decode_images([s.path for s in samples], loaded.meta.image_size, progress=progress, use_cache=False)
-        ok, errors = decoded.ok, decoded.errors
-        pixels = np.asarray(decoded.pixels)[ok]
+    if adapt is not None:  # decoded once: the films adapt the model, then the adapted model reads them
         loaded, adapted = adapt(loaded, pixels)
-        probs = np.full((len(samples), len(loaded.classes)), np.nan, dtype=np.float32)
-        probs[ok] = loaded.probabilities(pixels, tta=tta)
+    probs = probabilities_of(loaded, ok, pixels, tta)
     kept = [s for s, good in zip(samples, ok) if good]
     labels = np.array([loaded.classes.index(dataset.classes[s.label]) for s in kept])
     report = evaluate_predictions(

@@ -55,14 +55,12 @@ class Predictor:
         self.tta = tta
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pneumo.infer.predict import output_columns, prediction_rows
+        from pneumo.infer.predict import output_columns, prediction_rows, probabilities_of
         from pneumo.infer.scope import ScopeCheck
 
         paths = [str(p) for p in batch["path"]]
         ok = np.array([not e for e in batch["error"]], dtype=bool)
-        probs = np.full((len(paths), len(self.loaded.classes)), np.nan, dtype=np.float32)
-        if ok.any():
-            probs[ok] = self.loaded.probabilities(batch["pixels"][ok], tta=self.tta)
+        probs = probabilities_of(self.loaded, ok, batch["pixels"][ok], self.tta)
         errors = {p: e for p, e in zip(paths, batch["error"]) if e}
         readable = [Path(p) for p, good in zip(paths, ok) if good]
         verdicts = ScopeCheck(self.loaded).check(batch["pixels"][ok], readable) if readable else []
