@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     models = {str(d): read_films(d) for d in args.shift_dirs}
-    result: dict = {"rule": __doc__.split("Rule of choice, fixed before the runs: ")[1].split("\n\n")[0], "rules": {}}
-    result["rule"] = " ".join(result["rule"].split())
+    rule = __doc__.split("Rule of choice, fixed before the runs: ")[1].split("\n\n")[0]
+    result: dict = {"rule": " ".join(rule.split()), "rules": {}}
     for rule in RULES:
         per_model = [cross_fit(is_pos, probs, rule, args.repeats, args.seed) for is_pos, probs in models.values()]
         result["rules"][rule] = summarise(per_model) | {"per_model": dict(zip(models, per_model))}

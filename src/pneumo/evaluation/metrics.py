@@ -297,7 +297,8 @@ def threshold_interval(
         return None
     p, is_pos = _as_binary(p_pos, labels, pos)
     g = np.arange(p.size) if groups is None else np.unique(np.asarray(groups).ravel(), return_inverse=True)[1]
-    members = [np.flatnonzero(g == u) for u in range(int(g.max()) + 1)] if p.size else []
+    order = np.argsort(g, kind="stable")  # each patient's films, in file order: one pass, not one per patient
+    members = np.split(order, np.cumsum(np.bincount(g))[:-1]) if p.size else []
     rng = np.random.default_rng(seed)
     chosen: list[float] = []
     for _ in range(n_boot):
