@@ -130,3 +130,39 @@ def test_names_that_are_not_utf8_go_through_train_lr_find_predict_and_evaluate(t
     printed = json.loads((tmp_path / "out.json").read_text())
     assert sum("latin1_\\xe9\\xff" in r["path"] for r in printed) == 6
     assert report["n"] == 6  # evaluate read every test film, the renamed ones too
+
+
+def _mapped_file(block) -> str | None:
+    """The file ``block``'s memory lies in, when it is a view of a memory map (else None)."""
+    import numpy as np
+
+    while block is not None:
+        if isinstance(block, np.memmap):
+            return str(block.filename)
+        block = block.base
+    return None
+
+
+def test_training_pixels_stay_mapped_from_the_decode_cache(tmp_path: Path, make_tree, monkeypatch):
+    """The ranks of a distributed run share one copy of the pixels per node: training reads views of
+    the memory-mapped decode cache, fresh or reused, never a private copy; a write to them stays in
+    that process and never reaches the cache. With an unreadable film the readable rows are copied."""
+    import numpy as np
+
+    monkeypatch.setenv("PNEUMO_CACHE", str(tmp_path / "cache"))
+    root = make_tree(tmp_path / "d", {"NORMAL": kermany_names("NORMAL", 8, 1), "PNEUMONIA": kermany_names("P", 8, 1)})
+    cfg = TrainConfig.from_dict({"data": str(root), "image_size": 32, "seed": 0})
+    first = load_data(cfg, progress=False)  # decoded and written
+    again = load_data(cfg, progress=False)  # read back
+    for data in (first, again):
+        for block in (data.train_pixels, data.valid_pixels):
+            assert _mapped_file(block) and Path(_mapped_file(block)).parent == tmp_path / "cache"
+            assert block.flags.writeable  # torch.from_numpy takes it without a warning
+    kept = again.train_pixels[0].copy()
+    first.train_pixels[0] = 7
+    assert np.array_equal(load_data(cfg, progress=False).train_pixels[0], kept)
+
+    (root / "NORMAL" / "IM-0100-0001.jpeg").write_bytes(b"not a film")
+    data = load_data(cfg, progress=False)
+    assert _mapped_file(data.train_pixels) is None or _mapped_file(data.valid_pixels) is None
+    assert len(data.train_pixels) + len(data.valid_pixels) == 15

@@ -2,7 +2,10 @@
 
 The cache key covers the file list, each file's size and modification time, the image size and the
 preprocessing version, so an edited or added file makes a new cache and nothing stale is ever read.
-Later epochs and later runs read one memory-mapped array instead of decoding JPEGs again.
+Later epochs and later runs read one memory-mapped array instead of decoding JPEGs again; the
+processes of a distributed run on one node map the same file, so the page cache holds one copy of
+the pixels for all of them (copy-on-write: a process that wrote to its pixels would get a private
+page, never change the cache).
 
 The same key guards each file's content hash (``file_digests``): byte-identical copies under
 different names are found once and kept on one side of a patient split (``duplicate_groups``).
@@ -15,10 +18,11 @@ import json
 import os
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -27,6 +31,7 @@ from pneumo.data.imaging import prepare
 from pneumo.errors import ImageError
 from pneumo.io_utils import atomic_write_json
 
+T = TypeVar("T")
 PREPROCESS_VERSION = 2  # 2: EXIF orientation applied, images under imaging.MIN_SIDE refused
 
 
@@ -66,6 +71,22 @@ def cache_key(paths: Sequence[Path], size: int) -> str:
     return digest.hexdigest()[:24]
 
 
+def over_files(
+    fn: Callable[[Path], T],
+    paths: Sequence[Path],
+    desc: str,
+    unit: str = "file",
+    progress: bool = True,
+    workers: int | None = None,
+    chunksize: int = 16,
+) -> Iterator[T]:
+    """``fn(path)`` for every path, in order, computed in threads (reading files and decoding images
+    release the GIL) behind one progress bar: hashing, decoding and ``data check`` all walk files so."""
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
+        results = pool.map(fn, paths, chunksize=chunksize)
+        yield from tqdm(results, total=len(paths), desc=desc, unit=unit, disable=not progress, leave=False)
+
+
 def content_digest(data: bytes) -> str:
     """The content hash of a file's bytes: equal for byte-identical files, whatever their names."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -93,17 +114,7 @@ def file_digests(paths: Sequence[Path], cache_dir: Path | None = None, progress:
                 return cached
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged cache file is rebuilt
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        digests = list(
-            tqdm(
-                pool.map(_digest_file, paths, chunksize=32),
-                total=len(paths),
-                desc="hashing files",
-                unit="file",
-                disable=not progress,
-                leave=False,
-            )
-        )
+    digests = list(over_files(_digest_file, paths, "hashing files", progress=progress, chunksize=32))
     if use_disk:
         try:
             atomic_write_json(cache_file, {"digests": digests})
@@ -130,6 +141,12 @@ def _decode_one(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
         return None, exc.reason
 
 
+def _mapped(array_file: Path) -> np.ndarray:
+    """The cached pixels, memory-mapped copy-on-write: shared between processes, writable without
+    touching the file (torch refuses read-only arrays)."""
+    return np.load(array_file, mmap_mode="c")
+
+
 def decode_images(
     paths: Sequence[Path],
     size: int,
@@ -151,22 +168,18 @@ def decode_images(
     array_file, meta_file = folder / f"{key}.npy", folder / f"{key}.json"
     if use_disk and array_file.exists() and meta_file.exists():
         meta = json.loads(meta_file.read_text())
-        pixels = np.load(array_file, mmap_mode="r")
-        return DecodedImages(pixels, np.array(meta["ok"], dtype=bool), meta["errors"], True)
+        return DecodedImages(_mapped(array_file), np.array(meta["ok"], dtype=bool), meta["errors"], True)
 
     pixels = np.zeros((len(paths), size, size), dtype=np.uint8)
     ok = np.ones(len(paths), dtype=bool)
     errors: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
-        results = pool.map(lambda p: _decode_one(p, size), paths, chunksize=16)
-        for i, (arr, err) in enumerate(
-            tqdm(results, total=len(paths), desc=f"decoding to {size}px", unit="img", disable=not progress, leave=False)
-        ):
-            if err is None:
-                pixels[i] = arr
-            else:
-                ok[i] = False
-                errors[str(paths[i])] = err
+    decoded = over_files(lambda p: _decode_one(p, size), paths, f"decoding to {size}px", "img", progress, workers)
+    for i, (arr, err) in enumerate(decoded):
+        if err is None:
+            pixels[i] = arr
+        else:
+            ok[i] = False
+            errors[str(paths[i])] = err
     if use_disk:
         tmp = array_file.with_suffix(f".tmp{os.getpid()}.npy")
         try:
@@ -177,6 +190,7 @@ def decode_images(
                 meta_file,
                 {"ok": ok.tolist(), "errors": errors, "size": size, "n": len(paths), "version": PREPROCESS_VERSION},
             )
+            pixels = _mapped(array_file)  # the file just written, shared with any process mapping it
         except OSError as exc:  # an unwritable cache costs speed next time, never this run
             tmp.unlink(missing_ok=True)
             warnings.warn(

@@ -12,17 +12,14 @@ spells them, so a name that is not valid UTF-8 prints on any terminal and stays 
 from __future__ import annotations
 
 import io
-import os
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from tqdm.auto import tqdm
 
-from pneumo.data.cache import content_digest
+from pneumo.data.cache import content_digest, over_files
 from pneumo.data.folders import MIN_USABLE_VALID, SPLIT_ALIASES, ChestXrayFolder, discover, printable, subtype_of
 from pneumo.data.folders import patient_rule as resolve_patient_rule
 from pneumo.data.imaging import open_image
@@ -328,17 +325,7 @@ def _fill_report(report: dict[str, Any], data: ChestXrayFolder, progress: bool) 
     report["subtypes"] = {split: dict(sorted(subtypes[split].items())) for split in SPLIT_ORDER if split in subtypes}
 
     paths = [s.path for s in data.samples]
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        facts = list(
-            tqdm(
-                pool.map(inspect_file, paths, chunksize=8),
-                total=len(paths),
-                desc="checking images",
-                unit="img",
-                disable=not progress,
-                leave=False,
-            )
-        )
+    facts = list(over_files(inspect_file, paths, "checking images", "img", progress, chunksize=8))
     report["sizes"] = _size_summary(facts)
     report["unreadable"] = [
         {"path": _relative(data, s.path), "split": s.split, "class": data.classes[s.label], "reason": f.problem}

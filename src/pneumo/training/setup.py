@@ -113,7 +113,13 @@ def load_data(cfg: TrainConfig, progress: bool = True, timings: dict[str, float]
     for side, samples, readable in (("training", split.train, train), ("validation", split.valid, valid)):
         _require_readable(side, samples, readable, decoded.errors, dataset.classes)
     pixels = np.asarray(decoded.pixels)
-    return TrainData(dataset.classes, train, valid, pixels[:n][ok_train], pixels[n:][ok_valid], notes)
+    return TrainData(dataset.classes, train, valid, _rows(pixels[:n], ok_train), _rows(pixels[n:], ok_valid), notes)
+
+
+def _rows(pixels: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """The readable rows: a view when all are (a memory-mapped decode cache stays shared between the
+    ranks of a distributed run, one copy per node), else a copy without the unreadable ones."""
+    return pixels if ok.all() else pixels[ok]
 
 
 def _require_readable(
