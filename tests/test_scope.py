@@ -93,6 +93,29 @@ def test_training_writes_scope_stats_and_predict_reports_scope(trained_run, tmp_
     assert "knee.dcm: OUT OF SCOPE (DICOM BodyPartExamined is KNEE" in out.getvalue()
 
 
+def test_predicting_and_checking_scope_take_one_pass_through_the_body(trained_run):
+    """The scope check measures the features the prediction computed on the way: one pass through the
+    body per batch (it was two), with the probabilities and verdicts of two separate passes."""
+    from pneumo.data.imaging import prepare
+
+    loaded = load_model(trained_run / "model")
+    films = sorted((SAMPLE_ROOT / "test").rglob("*.jpeg"))[:6]
+    pixels = np.stack([prepare(f, loaded.meta.image_size) for f in films])
+    scope = ScopeCheck(loaded)
+    assert scope.by_features
+    passes = []
+    hook = loaded.net.body.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        probs, verdicts = scope.read(pixels, films)
+    finally:
+        hook.remove()
+    assert len(passes) == 1
+    assert np.allclose(probs, loaded.probabilities(pixels), atol=1e-6)
+    for one_pass, separate in zip(verdicts, scope.check(pixels, films), strict=True):
+        assert one_pass["in_scope"] == separate["in_scope"]
+        assert one_pass["scope_distance"] == pytest.approx(separate["scope_distance"], rel=1e-5)
+
+
 def test_an_older_model_folder_is_checked_by_tags_only(trained_run, tmp_path):
     old = Path(shutil.copytree(trained_run / "model", tmp_path / "old"))
     (old / SCOPE_FILE).unlink()

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from pneumo.errors import DataError, PneumoError
 from pneumo.extras import require
 from pneumo.infer.model_folder import LoadedModel, load_model, model_folder
-from pneumo.infer.predict import expand_paths, output_columns, prediction_rows, probabilities_of, readable_pixels
+from pneumo.infer.predict import expand_paths, output_columns, prediction_rows, read_films, readable_pixels
 from pneumo.infer.scope import ScopeCheck
 from pneumo.io_utils import atomic_write
 from pneumo.model_meta import read_model_meta
@@ -164,10 +164,7 @@ def _predict_chunks(loaded: LoadedModel, chunks: list, decode, tta: bool) -> Ite
         for i, paths in enumerate(chunks):
             decoded = pending.result()
             pending = pool.submit(decode, chunks[i + 1]) if i + 1 < len(chunks) else None
-            pixels = readable_pixels(decoded)
-            probs = probabilities_of(loaded, decoded.ok, pixels, tta)
-            readable = [Path(p) for p, good in zip(paths, decoded.ok) if good]
-            verdicts = scope.check(pixels, readable) if readable else []
+            probs, verdicts = read_films(scope, paths, decoded.ok, readable_pixels(decoded), tta)
             yield prediction_rows(loaded, paths, probs, decoded.ok, decoded.errors, verdicts)
 
 

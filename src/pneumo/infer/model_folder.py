@@ -53,22 +53,39 @@ class LoadedModel:
         self.threshold = meta.operating_threshold  # on p(positive); None with argmax
         self.folder: Path | None = None  # where it was loaded from (infer.scope reads its statistics there)
 
-    @torch.inference_mode()
     def logits(self, pixels: np.ndarray | torch.Tensor, batch_size: int = 32, tta: bool = False) -> np.ndarray:
         """Raw logits for uint8 ``(N, H, W)`` pixels (already the model's size)."""
+        return self.logits_and_features(pixels, batch_size, tta)[0]
+
+    @torch.inference_mode()
+    def logits_and_features(
+        self, pixels: np.ndarray | torch.Tensor, batch_size: int = 32, tta: bool = False
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits and, from the same pass, the body's average-pooled features of the films as given, one
+        array per network (what ``infer.scope`` measures): predicting and checking scope cost one pass."""
         x = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
-        out = []
+        out, features = [], []
         for i in range(0, len(x), batch_size):
             xb = x[i : i + batch_size].unsqueeze(1).to(self.device)
-            z = self.net(xb).float()
+            pooled = self.net.features(xb)  # [max, mean]: the head reads both, scope the mean
+            z = self.net.head(pooled).float()
             if tta:
                 z = (z + self.net(xb.flip(-1)).float()) / 2
             out.append(z.cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+            features.append(pooled[:, pooled.shape[1] // 2 :].float().cpu())
+        if not out:
+            return np.zeros((0, len(self.classes)), np.float32), [np.zeros((0, 0), np.float32)]
+        return torch.cat(out).numpy(), [torch.cat(features).numpy()]
 
     def probabilities(self, pixels: np.ndarray, batch_size: int = 32, tta: bool = False) -> np.ndarray:
-        z = torch.from_numpy(self.logits(pixels, batch_size, tta)) / self.meta.temperature
-        return z.softmax(dim=1).numpy()
+        return self.probabilities_and_features(pixels, batch_size, tta)[0]
+
+    def probabilities_and_features(
+        self, pixels: np.ndarray, batch_size: int = 32, tta: bool = False
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Calibrated probabilities, and the features ``logits_and_features`` computed with them."""
+        z, features = self.logits_and_features(pixels, batch_size, tta)
+        return (torch.from_numpy(z) / self.meta.temperature).softmax(dim=1).numpy(), features
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """Class indices: ``ModelMeta.decide``, the one decision rule."""
@@ -143,9 +160,13 @@ class EnsembleModel(LoadedModel):
         super().__init__(members[0].net, meta, device)
         self.members = members
 
-    def logits(self, pixels: np.ndarray | torch.Tensor, batch_size: int = 32, tta: bool = False) -> np.ndarray:
-        mean = np.mean([m.probabilities(pixels, batch_size, tta) for m in self.members], axis=0)
-        return np.log(np.clip(mean, 1e-12, None)).astype(np.float32)
+    def logits_and_features(
+        self, pixels: np.ndarray | torch.Tensor, batch_size: int = 32, tta: bool = False
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The log of the members' mean probabilities, and each member's features."""
+        parts = [m.probabilities_and_features(pixels, batch_size, tta) for m in self.members]
+        mean = np.mean([probs for probs, _ in parts], axis=0)
+        return np.log(np.clip(mean, 1e-12, None)).astype(np.float32), [f for _, fs in parts for f in fs]
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> LoadedModel:

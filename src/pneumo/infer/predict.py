@@ -60,9 +60,7 @@ def predict_files(
     loaded = open_model(model, runtime)
     files = expand_paths(paths)
     decoded = decode_images(files, loaded.meta.image_size, progress=progress, use_cache=False)
-    pixels = readable_pixels(decoded)
-    probs = probabilities_of(loaded, decoded.ok, pixels, tta)
-    verdicts = ScopeCheck(loaded).check(pixels, [f for f, good in zip(files, decoded.ok) if good])
+    probs, verdicts = read_films(ScopeCheck(loaded), files, decoded.ok, readable_pixels(decoded), tta)
     return prediction_rows(loaded, files, probs, decoded.ok, decoded.errors, verdicts)
 
 
@@ -80,6 +78,19 @@ def probabilities_of(loaded: Any, ok: np.ndarray, pixels: np.ndarray, tta: bool 
     if len(pixels):
         probs[ok] = loaded.probabilities(pixels, tta=tta)
     return probs
+
+
+def read_films(
+    scope: ScopeCheck, files: Sequence[str | Path], ok: np.ndarray, pixels: np.ndarray, tta: bool = False
+) -> tuple[np.ndarray, list[dict]]:
+    """Probabilities for every file (NaN rows for the unreadable, as ``probabilities_of``) and a scope
+    verdict per readable film, from one pass through the network (``ScopeCheck.read``): what
+    predict, the archive engines and ``prediction_rows`` take."""
+    probs = np.full((len(ok), len(scope.model.classes)), np.nan, dtype=np.float32)
+    if not len(pixels):
+        return probs, []
+    probs[ok], verdicts = scope.read(pixels, [Path(f) for f, good in zip(files, ok) if good], tta)
+    return probs, verdicts
 
 
 def prediction_rows(

@@ -18,6 +18,7 @@ the files under the same paths (a shared file system).
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,20 +51,19 @@ class Predictor:
 
     def __init__(self, folder: str, tta: bool, device: str):
         from pneumo.infer.model_folder import load_model
+        from pneumo.infer.scope import ScopeCheck
 
         self.loaded = load_model(folder, device)
+        self.scope = ScopeCheck(self.loaded)
         self.tta = tta
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pneumo.infer.predict import output_columns, prediction_rows, probabilities_of
-        from pneumo.infer.scope import ScopeCheck
+        from pneumo.infer.predict import output_columns, prediction_rows, read_films
 
         paths = [str(p) for p in batch["path"]]
         ok = np.array([not e for e in batch["error"]], dtype=bool)
-        probs = probabilities_of(self.loaded, ok, batch["pixels"][ok], self.tta)
+        probs, verdicts = read_films(self.scope, paths, ok, batch["pixels"][ok], self.tta)
         errors = {p: e for p, e in zip(paths, batch["error"]) if e}
-        readable = [Path(p) for p, good in zip(paths, ok) if good]
-        verdicts = ScopeCheck(self.loaded).check(batch["pixels"][ok], readable) if readable else []
         rows = prediction_rows(self.loaded, paths, probs, ok, errors, verdicts)
         return {c: column(rows, c) for c in output_columns(self.loaded.classes)}
 
@@ -94,6 +94,25 @@ def to_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     return out
 
 
+def check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
+    """Fail at once, naming the address, when nothing listens at ``HOST:PORT`` or ``ray://HOST:PORT``.
+
+    Without this, ``ray.init`` retries a dead head's GCS port for minutes before it gives up.
+    ``None``, ``auto`` and ``local`` are Ray's to resolve (it says at once when no cluster runs)."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise PneumoError(f"--address {address}: give auto, HOST:PORT (the head's GCS, 6379) or ray://HOST:10001")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise PneumoError(
+            f"--engine ray: nothing answers at {address} ({exc.strerror or exc}); is the Ray head running "
+            f"(`ray start --head` on it) and its port open from here?"
+        ) from None
+
+
 def ray_chunks(
     folder: Path,
     files: Sequence[str],
@@ -112,6 +131,7 @@ def ray_chunks(
     size = read_model_meta(folder / "model.json").image_size
     started_here = not ray.is_initialized()
     if started_here:
+        check_reachable(address)
         local = {} if address else {"include_dashboard": False}  # a cluster being joined keeps its own settings
         try:
             ray.init(address=address, log_to_driver=False, **local)

@@ -140,17 +140,9 @@ def fit_feature_scope(features: np.ndarray, seed: int = 0) -> FeatureScope:
 
 
 def scope_features(model: LoadedModel, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """The body's average-pooled features ``(N, C)`` of uint8 ``(N, H, W)`` pixels (a single network)."""
-    import torch
-
-    net = model.net
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(pixels), batch_size):
-            x = torch.as_tensor(np.ascontiguousarray(pixels[i : i + batch_size])).unsqueeze(1).to(model.device)
-            pooled = net.features(x).float()
-            out.append(pooled[:, pooled.shape[1] // 2 :].cpu())  # features() is [max, mean]; mean generalises better
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+    """The body's average-pooled features ``(N, C)`` of uint8 ``(N, H, W)`` pixels (a single network),
+    as ``LoadedModel.logits_and_features`` gives them beside the logits."""
+    return model.logits_and_features(np.ascontiguousarray(pixels), batch_size)[1][0]
 
 
 def _members(model: Any) -> list[Any]:
@@ -229,17 +221,34 @@ class ScopeCheck:
             return "DICOM tags only (the onnx runtime holds no body features to measure a distance with)"
         return "DICOM tags only (this model folder has no scope statistics: trained before pneumo wrote them)"
 
-    def ratios(self, pixels: np.ndarray) -> np.ndarray | None:
-        """Distance over threshold per film (> 1: out of scope), or None without stats."""
+    def ratios(self, pixels: np.ndarray, features: Sequence[np.ndarray] | None = None) -> np.ndarray | None:
+        """Distance over threshold per film (> 1: out of scope), or None without stats. ``features``:
+        each member's, when the prediction already computed them (else a pass of their own)."""
         if not self.by_features or len(pixels) == 0:
             return None
-        members = _members(self.model)
-        per_member = [s.distances(scope_features(m, pixels)) / s.threshold for m, s in zip(members, self.scopes)]
+        if features is None:
+            features = [scope_features(m, pixels) for m in _members(self.model)]
+        per_member = [s.distances(f) / s.threshold for f, s in zip(features, self.scopes)]
         return np.mean(per_member, axis=0) / self.threshold
 
-    def check(self, pixels: np.ndarray, sources: Sequence[Path | bytes | None]) -> list[dict]:
+    def read(
+        self, pixels: np.ndarray, sources: Sequence[Path | bytes | None], tta: bool = False
+    ) -> tuple[np.ndarray, list[dict]]:
+        """The model's probabilities and a verdict per film (``check``), from one pass through each
+        network where scope is measured on features."""
+        if not self.by_features:
+            return self.model.probabilities(pixels, tta=tta), self.check(pixels, sources)
+        probs, features = self.model.probabilities_and_features(pixels, tta=tta)
+        return probs, self.check(pixels, sources, features)
+
+    def check(
+        self,
+        pixels: np.ndarray,
+        sources: Sequence[Path | bytes | None],
+        features: Sequence[np.ndarray] | None = None,
+    ) -> list[dict]:
         """``{"in_scope", "scope_reason", "scope_distance"}`` per film (pixels prepared at the model's size)."""
-        ratios = self.ratios(pixels)
+        ratios = self.ratios(pixels, features)
         out = []
         for i, source in enumerate(sources):
             reasons = dicom_reasons(source)

@@ -120,7 +120,11 @@ def read_xray(
         raise HTTPException(status, f"{name}: {exc.reason}") from None
     except Exception as exc:  # noqa: BLE001 - a decoder failing on hostile bytes is bad input, not a crash
         raise HTTPException(422, f"{name}: cannot decode the image ({type(exc).__name__}: {exc})") from None
-    probs = model.probabilities(pixels[None])[0]
+    if scope is not None:  # one pass: probabilities and the features scope measures
+        probs_of, verdicts = scope.read(pixels[None], [data])
+        probs = probs_of[0]
+    else:
+        probs = model.probabilities(pixels[None])[0]
     predicted = int(model.decide(probs[None])[0])
     result: dict[str, Any] = {
         "filename": name,
@@ -136,7 +140,7 @@ def read_xray(
         "heatmap_class": None,
     }
     if scope is not None:  # infer.scope: an out-of-scope film gets the reason, not a label
-        result.update(scope.check(pixels[None], [data])[0])
+        result.update(verdicts[0])
         if not result["in_scope"]:
             warning = f"out of scope, no label given: {result['scope_reason']}"
             result.update(label=None, probability=None, warning=warning)
