@@ -11,15 +11,19 @@ each). Throughput is the command's own figure, images over seconds from the file
 row written, Ray's cluster start included (a fresh local cluster, ``--engine ray`` without
 ``--address``).
 
-DDP: ``pneumo train`` on the bundled sample with 1 process and with ``--nproc 2`` (gloo), features
-mode and full mode, seconds per epoch from ``metrics.csv`` and the features pass from
-``distributed.json``. On a machine with 2 cores shared with other work, expect no speed-up: this
+DDP: ``pneumo train`` on the bundled sample (or ``--ddp-data``, ``--ddp-per-class`` images of each
+class) with 1 process and with ``--nproc 2`` (gloo), features mode and full mode: seconds per epoch
+from ``metrics.csv``, the features pass from ``distributed.json``, and the peak summed RSS and PSS of
+all the processes (the ranks map rank 0's decode cache: PSS counts those pixels once per node).
+On a machine with 2 cores shared with other work, expect no speed-up: this
 measures the overhead, not the scaling (README: the estimate for GPUs).
 
 No file names are written: counts, seconds and bytes only.
 
     nice -n 15 .venv/bin/python bench/scale.py                   # writes bench/results/scale.json
     nice -n 15 .venv/bin/python bench/scale.py --sizes 1000 --skip-ddp
+    .venv/bin/python bench/scale.py --skip-predict --ddp-modes features --ddp-image-size 224 \
+        --ddp-data ../shared/data/chest_xray_224/train --ddp-per-class 1000 --ddp-epochs 1
 """
 
 from __future__ import annotations
@@ -44,12 +48,15 @@ SAMPLE = REPO / "src" / "pneumo" / "sample_data" / "chest_xray"
 DEFAULT_DATA = Path("/work/shared/data/chest_xray_224/train")
 
 
-def child_env() -> dict[str, str]:
+def child_env(cache: Path | None = None) -> dict[str, str]:
+    """Environment of a measured command: this checkout, one thread, no Ray usage statistics; the decode
+    cache off, or in ``cache`` (training: the ranks of a node share rank 0's memory-mapped cache)."""
     path = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
     # one intra-op thread per process (what torchrun gives each rank): on a shared 2-core machine more
     # threads spin-wait for each other and burn the CPU share the measured work needs
-    env = {"PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0", "PNEUMO_NO_CACHE": "1", "OMP_NUM_THREADS": "1"}
-    return {**os.environ, **env}
+    env = {"PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    env.update({"PNEUMO_CACHE": str(cache)} if cache else {"PNEUMO_NO_CACHE": "1"})
+    return {**{k: v for k, v in os.environ.items() if k != "PNEUMO_NO_CACHE"}, **env}
 
 
 class PeakMemory:
@@ -87,9 +94,13 @@ class PeakMemory:
         self._thread.join()
 
 
-def run_measured(cmd: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, PeakMemory, float]:
+def run_measured(
+    cmd: list[str], cwd: Path, cache: Path | None = None
+) -> tuple[subprocess.CompletedProcess, PeakMemory, float]:
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=child_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     with PeakMemory(proc.pid) as memory:
         out, err = proc.communicate()
     wall = time.perf_counter() - started
@@ -110,18 +121,29 @@ def make_archive(data: Path, n: int, folder: Path) -> Path:
     return folder
 
 
-def train_cmd(out: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "pneumo", "train", str(SAMPLE), "--out", str(out), "--json", *extra]
+def train_cmd(out: Path, extra: list[str], data: Path = SAMPLE) -> list[str]:
+    return [sys.executable, "-m", "pneumo", "train", str(data), "--out", str(out), "--json", *extra]
 
 
-def bench_ddp(work: Path, image_size: int, epochs: int, modes: list[str]) -> dict:
+def make_subset(data: Path, per_class: int, folder: Path) -> Path:
+    """The first ``per_class`` images of each class folder of ``data``, as symlinks under their own names
+    (the patient split reads patients from the names)."""
+    for cls in sorted(p for p in data.iterdir() if p.is_dir()):
+        (folder / cls.name).mkdir(parents=True)
+        for image in sorted(cls.iterdir())[:per_class]:
+            (folder / cls.name / image.name).symlink_to(image)
+    return folder
+
+
+def bench_ddp(work: Path, data: Path, image_size: int, epochs: int, modes: list[str], views: int) -> dict:
     results = {}
     for mode in modes:
         for nproc in (1, 2):
             out = work / f"ddp-{mode}-{nproc}"
             extra = ["--epochs", str(epochs), "--image-size", str(image_size), "--mode", mode, "--seed", "3"]
-            extra += ["--nproc", "2"] if nproc == 2 else []
-            _, memory, wall = run_measured(train_cmd(out, extra), work)
+            extra += ["--feature-views", str(views), *(["--nproc", "2"] if nproc == 2 else [])]
+            cache = work / f"cache-{mode}-{nproc}"  # each run decodes afresh into its own cache
+            _, memory, wall = run_measured(train_cmd(out, extra, data), work, cache)
             with (out / "metrics.csv").open() as fh:
                 rows = list(csv.DictReader(fh))
             record = json.loads((out / "distributed.json").read_text()) if nproc == 2 else {}
@@ -133,6 +155,7 @@ def bench_ddp(work: Path, image_size: int, epochs: int, modes: list[str]) -> dic
                 "weights_identical_across_ranks": len(set(record["weights_sha256"])) == 1 if record else None,
                 "command_wall_s": round(wall, 1),
                 "peak_rss_mb": round(memory.peak_rss / 2**20),
+                "peak_pss_mb": round(memory.peak_pss / 2**20),
             }
     return results
 
@@ -167,6 +190,7 @@ def bench_predict(work: Path, data: Path, model: Path, sizes: list[int], engines
         small, large = results.get(f"{engine}_{min(sizes)}"), results.get(f"{engine}_{max(sizes)}")
         if small and large and small is not large:
             results[f"{engine}_pss_growth_mb"] = large["peak_pss_mb"] - small["peak_pss_mb"]
+            results[f"{engine}_peak_pss_mb_by_files"] = {n: results[f"{engine}_{n}"]["peak_pss_mb"] for n in sizes}
     return results
 
 
@@ -179,6 +203,10 @@ def main() -> int:
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument("--ddp-epochs", type=int, default=2)
     ap.add_argument("--ddp-modes", default="features,full", help="training modes to time with 1 and 2 processes")
+    ap.add_argument("--ddp-data", type=Path, default=SAMPLE, help="class folders to train on (default: the sample)")
+    ap.add_argument("--ddp-per-class", type=int, default=0, help="only the first N images of each class (0: all)")
+    ap.add_argument("--ddp-image-size", type=int, default=None, help="default: --image-size")
+    ap.add_argument("--ddp-views", type=int, default=1, help="--feature-views of the DDP runs")
     ap.add_argument("--skip-ddp", action="store_true")
     ap.add_argument("--skip-predict", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale.json")
@@ -201,10 +229,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="pneumo-scale-") as tmp:
         work = Path(tmp)
         if not args.skip_ddp:
-            result["ddp_on_sample"] = bench_ddp(work, args.image_size, args.ddp_epochs, args.ddp_modes.split(","))
+            data = args.ddp_data
+            if args.ddp_per_class:
+                data = make_subset(data, args.ddp_per_class, work / "ddp-data")
+            size = args.ddp_image_size or args.image_size
+            result["ddp"] = {
+                "data": "the bundled sample"
+                if args.ddp_data == SAMPLE
+                else f"{args.ddp_data.name}, first {args.ddp_per_class or 'all'} images per class",
+                "images": sum(1 for p in data.rglob("*") if p.suffix.lower() in {".jpeg", ".jpg", ".png"}),
+                "image_size": size,
+                "feature_views": args.ddp_views,
+                "runs": bench_ddp(work, data, size, args.ddp_epochs, args.ddp_modes.split(","), args.ddp_views),
+            }
         if not args.skip_predict:
-            model_run = work / "ddp-features-1"
-            if args.model is None and not (model_run / "model").is_dir():
+            model_run = work / "predict-model"
+            if args.model is None:
                 extra = ["--epochs", "1", "--image-size", str(args.image_size), "--seed", "3"]
                 run_measured(train_cmd(model_run, extra), work)
             model = args.model or model_run / "model"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +127,33 @@ def test_without_ray_the_extra_is_named(trained_run, archive, tmp_path, monkeypa
         predict_archive(trained_run, [archive], tmp_path / "p.csv", engine="ray", progress=False)
 
 
+@pytest.mark.parametrize(
+    "address, says",
+    [
+        ("127.0.0.1:1", r"nothing answers at 127\.0\.0\.1:1 .*ray start --head"),  # a head that is down
+        ("ray://127.0.0.1:1", r"nothing answers at ray://127\.0\.0\.1:1"),  # Ray Client's port
+        ("headnode", r"--address headnode: give auto, HOST:PORT"),
+        ("auto", r"could not join the Ray cluster at auto \(ConnectionError: Could not find any running Ray"),
+    ],
+)
+def test_a_ray_cluster_that_cannot_be_reached_is_named_at_once(
+    trained_run, archive, tmp_path, monkeypatch, capsys, address, says
+):
+    """Each fails in well under a second (a dead head's port alone kept ray.init retrying for minutes),
+    with exit code 2 and nothing written."""
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()  # runs before the module's cluster starts
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    out = tmp_path / "p.csv"
+    args = ["predict", str(trained_run), str(archive), "--out", str(out), "--engine", "ray", "--address", address]
+    started = time.perf_counter()
+    assert main([*args, "--no-audit"]) == 2
+    assert time.perf_counter() - started < 20
+    assert re.search(says, capsys.readouterr().err)
+    assert not out.exists() and not ray.is_initialized()
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local 2-CPU Ray cluster, usage statistics off, in a temporary folder; shut down afterwards."""
@@ -154,8 +183,8 @@ def test_ray_engine_writes_the_rows_of_the_local_engine(ray_cluster, trained_run
     assert rows.keys() == want.keys()
     for path, row in rows.items():
         assert (row["error"] or "") == want[path]["error"]
-        if want[path].get("in_scope") != "False":  # the Ray engine does not check scope (yet): same labels elsewhere
-            assert (row["label"] or "") == want[path]["label"]
+        assert (row["label"] or "") == want[path]["label"]
+        assert str(row["in_scope"] if row["in_scope"] is not None else "") == want[path]["in_scope"]
         if row["p_PNEUMONIA"] is not None:
             assert np.isclose(row["p_PNEUMONIA"], float(want[path]["p_PNEUMONIA"]), atol=1e-5)
     again = predict_archive(trained_run, [archive], out, engine="ray", progress=False)

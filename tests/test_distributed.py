@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,44 @@ def test_state_hash_sees_one_changed_weight():
 def test_the_launched_copies_do_not_launch_again():
     argv = ["train", "DATA", "--nproc", "2", "--epochs", "1", "--nproc=3"]
     assert without_option(argv, "--nproc") == ["train", "DATA", "--epochs", "1"]
+
+
+@pytest.mark.parametrize(
+    "device, gpus, backend",
+    [("auto", 2, "nccl"), ("cuda", 2, "nccl"), ("auto", 0, "gloo"), ("cpu", 2, "gloo")],
+)
+def test_each_rank_joins_with_nccl_on_its_own_gpu_or_gloo_on_cpus(monkeypatch, device, gpus, backend):
+    """The choice torchrun's ranks make on a GPU node, run here with CUDA's answers simulated (no GPU on
+    this machine): nccl and the GPU of LOCAL_RANK when training on GPUs, gloo otherwise; the process
+    group is given the collective timeout."""
+    import torch
+
+    joined, gpu_set = [], []
+    monkeypatch.setattr(distributed, "_current", distributed.Dist())
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "42")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", gpu_set.append)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda b, timeout: joined.append((b, timeout)))
+    ctx = distributed.setup(device)
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.backend) == (3, 4, 1, backend)
+    assert joined == [(backend, timedelta(seconds=42))]
+    assert gpu_set == ([1] if backend == "nccl" else [])
+    assert ctx.comm_device == (torch.device("cuda", 1) if backend == "nccl" else torch.device("cpu"))
+    assert not ctx.is_main
+
+
+def test_more_ranks_than_gpus_is_refused_before_joining(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(distributed, "_current", distributed.Dist())
+    for name, value in {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: pytest.fail("joined"))
+    with pytest.raises(distributed.PneumoError, match=r"rank 2: LOCAL_RANK 2 but 2 GPU\(s\) visible"):
+        distributed.setup("auto")
