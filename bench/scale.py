@@ -41,6 +41,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +66,7 @@ class PeakMemory:
     def __init__(self, pid: int, every: float = 0.5):
         self.root, self.every = psutil.Process(pid), every
         self.peak_rss = self.peak_pss = self.peak_processes = 0
+        self.pss_samples: list[int] = []  # summed PSS at every sample: a trend shows growth, a peak only spikes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -82,8 +84,17 @@ class PeakMemory:
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self.pss_samples.append(pss)
             self.peak_processes = max(self.peak_processes, len(procs))
             self._stop.wait(self.every)
+
+    def halves_mb(self) -> list[int]:
+        """Median summed PSS over the first and the second half of the run (after start-up: from the
+        first sample at half the peak): equal halves, memory that does not grow as the files go by."""
+        start = next((i for i, v in enumerate(self.pss_samples) if v >= self.peak_pss / 2), 0)
+        steady = self.pss_samples[start:]
+        mid = len(steady) // 2
+        return [round(float(np.median(half)) / 2**20) for half in (steady[:mid], steady[mid:]) if half]
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()
@@ -182,6 +193,7 @@ def bench_predict(work: Path, data: Path, model: Path, sizes: list[int], engines
                 "command_wall_s": round(wall, 1),
                 "peak_rss_mb": round(memory.peak_rss / 2**20),
                 "peak_pss_mb": round(memory.peak_pss / 2**20),
+                "median_pss_mb_first_and_second_half": memory.halves_mb(),
                 "peak_processes": memory.peak_processes,
             }
             print(json.dumps({f"{engine}_{n}": results[f"{engine}_{n}"]}), file=sys.stderr, flush=True)

@@ -6,7 +6,6 @@ temperature), so a fresh CPU-only process loads the folder alone, wherever it wa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from pneumo.data.cache import decode_images
 from pneumo.data.imaging import open_image, prepare
 from pneumo.decision import describe_reading, describe_rule
 from pneumo.errors import ModelError, PneumoError
@@ -44,7 +42,8 @@ def save_model(model: XrayNet, meta: ModelMeta, folder: str | Path) -> Path:
 
 
 class LoadedModel:
-    """A model ready for inference: ``predict_pixels`` for prepared arrays, ``predict_paths`` for files."""
+    """A model ready for inference: ``probabilities`` of prepared arrays, ``predict`` of one image (files
+    and folders: ``infer.predict.predict_files``)."""
 
     def __init__(self, net: XrayNet, meta: ModelMeta, device: torch.device):
         self.net, self.meta, self.device = net, meta, device
@@ -90,16 +89,6 @@ class LoadedModel:
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """Class indices: ``ModelMeta.decide``, the one decision rule."""
         return self.meta.decide(probs)
-
-    def predict_paths(
-        self, paths: Sequence[str | Path], progress: bool = True, tta: bool = False
-    ) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
-        """(probs, ok, errors) for image files; unreadable files are reported, not fatal."""
-        decoded = decode_images([Path(p) for p in paths], self.meta.image_size, progress=progress, use_cache=False)
-        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float32)
-        if decoded.ok.any():
-            probs[decoded.ok] = self.probabilities(np.asarray(decoded.pixels)[decoded.ok], tta=tta)
-        return probs, decoded.ok, decoded.errors
 
     def predict(self, image: str | Path | Image.Image | np.ndarray, tta: bool = False) -> Prediction:
         """One image (a file, a PIL image or a grey/RGB array of any size) -> its ``Prediction``:
