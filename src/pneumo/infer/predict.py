@@ -74,9 +74,14 @@ def probabilities_of(loaded: Any, ok: np.ndarray, pixels: np.ndarray, tta: bool 
 
     Any runtime's model (``LoadedModel``, ``OnnxModel``): predict, evaluate and the archive engines
     all fill their tables here."""
-    probs = np.full((len(ok), len(loaded.classes)), np.nan, dtype=np.float32)
-    if len(pixels):
-        probs[ok] = loaded.probabilities(pixels, tta=tta)
+    return _per_file(ok, loaded.probabilities(pixels, tta=tta) if len(pixels) else None, len(loaded.classes))
+
+
+def _per_file(ok: np.ndarray, readable: np.ndarray | None, n_classes: int) -> np.ndarray:
+    """The readable films' rows of probabilities in their files' places, NaN rows for the others."""
+    probs = np.full((len(ok), n_classes), np.nan, dtype=np.float32)
+    if readable is not None:
+        probs[ok] = readable
     return probs
 
 
@@ -86,11 +91,10 @@ def read_films(
     """Probabilities for every file (NaN rows for the unreadable, as ``probabilities_of``) and a scope
     verdict per readable film, from one pass through the network (``ScopeCheck.read``): what
     predict, the archive engines and ``prediction_rows`` take."""
-    probs = np.full((len(ok), len(scope.model.classes)), np.nan, dtype=np.float32)
     if not len(pixels):
-        return probs, []
-    probs[ok], verdicts = scope.read(pixels, [Path(f) for f, good in zip(files, ok) if good], tta)
-    return probs, verdicts
+        return _per_file(ok, None, len(scope.model.classes)), []
+    readable, verdicts = scope.read(pixels, [Path(f) for f, good in zip(files, ok) if good], tta)
+    return _per_file(ok, readable, len(scope.model.classes)), verdicts
 
 
 def prediction_rows(

@@ -108,7 +108,7 @@ def png_base64(rgb: np.ndarray) -> str:
 
 
 def read_xray(
-    model: LoadedModel, data: bytes, name: str, heatmap: bool, max_pixels: int, scope: ScopeCheck | None = None
+    model: LoadedModel, data: bytes, name: str, heatmap: bool, max_pixels: int, scope: ScopeCheck
 ) -> dict[str, Any]:
     """Decode, predict and (optionally) explain one upload: the work done on a pool thread."""
     start = time.perf_counter()
@@ -120,11 +120,8 @@ def read_xray(
         raise HTTPException(status, f"{name}: {exc.reason}") from None
     except Exception as exc:  # noqa: BLE001 - a decoder failing on hostile bytes is bad input, not a crash
         raise HTTPException(422, f"{name}: cannot decode the image ({type(exc).__name__}: {exc})") from None
-    if scope is not None:  # one pass: probabilities and the features scope measures
-        probs_of, verdicts = scope.read(pixels[None], [data])
-        probs = probs_of[0]
-    else:
-        probs = model.probabilities(pixels[None])[0]
+    probs_of, verdicts = scope.read(pixels[None], [data])  # one pass: probabilities and scope's features
+    probs = probs_of[0]
     predicted = int(model.decide(probs[None])[0])
     result: dict[str, Any] = {
         "filename": name,
@@ -139,12 +136,11 @@ def read_xray(
         "heatmap_png_base64": None,
         "heatmap_class": None,
     }
-    if scope is not None:  # infer.scope: an out-of-scope film gets the reason, not a label
-        result.update(verdicts[0])
-        if not result["in_scope"]:
-            warning = f"out of scope, no label given: {result['scope_reason']}"
-            result.update(label=None, probability=None, warning=warning)
-            log.warning("an upload was out of scope: %s", result["scope_reason"])  # no file name: it may identify
+    result.update(verdicts[0])  # infer.scope: an out-of-scope film gets the reason, not a label
+    if not result["in_scope"]:
+        warning = f"out of scope, no label given: {result['scope_reason']}"
+        result.update(label=None, probability=None, warning=warning)
+        log.warning("an upload was out of scope: %s", result["scope_reason"])  # no file name: it may identify
     if heatmap and getattr(model, "runtime", "torch") == "onnx":
         result["heatmap_unavailable"] = "Grad-CAM needs the network: serve with --runtime torch"
     elif heatmap:
