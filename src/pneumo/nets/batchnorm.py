@@ -7,6 +7,12 @@ contrast, sharpness, compression), which is what differs between sites. The head
 layers normalise pooled features that the head's linear layers were trained on, and their means
 depend on the class mix of the images, so re-estimating them would change the decision with the
 prevalence; they stay as trained.
+
+Not every re-estimated statistic depends on the films. A BatchNorm in train mode outputs batch mean
+exactly its bias, so a layer fed by a block's output through a 1x1 convolution (EfficientNet's
+``blocks.S.B.bn1`` for B > 0) gets mean ``W @ (sum of the biases before it)`` whatever the films; its
+variance still moves. Such a mean may come back equal to the trained value to the last bits, or
+differ by rounding only, depending on the thread count's reduction order (issue 30).
 """
 
 from __future__ import annotations
