@@ -334,3 +334,28 @@ def test_bench_adapt_runs_on_a_small_run(trained_run, tmp_path, capsys):
     assert plain["threshold"] == pytest.approx(report["threshold"], abs=1e-3)
     assert set(report["summary"]) == {"transductive", "disjoint"}
     assert "8" in report["summary"]["transductive"]["accuracy_gap_to_all_films"]
+
+
+@pytest.mark.parametrize("method", ["tent", "self-training"])
+def test_the_other_methods_adapt_beyond_batchnorm_and_say_what_they_did(trained_run, site_pixels, method):
+    model = load_model(trained_run)
+    plain = adapt_loaded(model, site_pixels, progress=False)
+    done = adapt_loaded(model, site_pixels, progress=False, method=method)
+    rec = done.record
+    assert rec["method"] == method and rec["labels_used"] is False and len(rec["steps"]) == 1
+    a, b = plain.model.net.state_dict(), done.model.net.state_dict()
+    last = f"head.{len(model.net.head) - 1}.weight"
+    moved = [k for k in a if not torch.equal(a[k], b[k])]
+    if method == "tent":  # only the body's BatchNorm scales and shifts, beyond the statistics
+        assert moved and all(k.startswith("body.") and k.rsplit(".", 1)[-1] in ("weight", "bias") for k in moved)
+        step = rec["steps"][0]["tent"]
+        assert step["entropy_last_batch"] is not None
+    else:  # only the last layer, fitted on the films read with confidence
+        step = rec["steps"][0]["self_training"]
+        assert moved == ([last] if step["fitted"] else [])
+    assert "/" not in json.dumps(rec)
+
+
+def test_an_unknown_method_is_refused_by_name(trained_run, site_pixels):
+    with pytest.raises(PneumoError, match="--method 'tnet'"):
+        adapt_loaded(load_model(trained_run), site_pixels, progress=False, method="tnet")

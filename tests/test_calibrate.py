@@ -18,14 +18,13 @@ from pneumo.infer.calibrate import (
     MIN_LABELLED_PER_CLASS,
     calibrate_films,
     calibrate_loaded,
-    fit_last_layer,
-    hidden_activations,
     labelled_films,
     patient_folds,
 )
 from pneumo.infer.ensemble import make_ensemble
 from pneumo.infer.model_folder import EnsembleModel, load_model
 from pneumo.infer.predict import predict_files
+from pneumo.infer.site_methods import fit_last_layer, hidden_activations
 
 SITE = SAMPLE_ROOT / "test"  # 30 NORMAL + 30 PNEUMONIA films the tiny model never trained on
 

@@ -54,6 +54,7 @@ import torch
 from pneumo.data.cache import decode_images
 from pneumo.decision import parse_threshold_method
 from pneumo.errors import PneumoError
+from pneumo.infer import site_methods
 from pneumo.infer.model_folder import EnsembleModel, LoadedModel, load_model, model_folder, save_model
 from pneumo.infer.predict import expand_paths
 from pneumo.model_meta import read_model_meta, write_model_meta
@@ -69,11 +70,21 @@ MIN_ADAPT_FILMS = 32
 FEWEST_FILMS = 2  # even with allow_few: a BatchNorm statistic of one film is no statistic
 THRESHOLD_RULES = ("auto", "keep", "prior")
 PREVALENCE_LIMITS = (0.01, 0.99)  # an EM estimate is clipped here, so a moved threshold stays finite
-METHOD = "batchnorm"
-DESCRIPTION = (
+METHODS = ("batchnorm", "tent", "self-training")
+DEFAULT_METHOD = "batchnorm"  # measured against the others on outside-dev: bench/README.md, "Adaptation methods"
+METHOD = DEFAULT_METHOD
+_BN = (
     "the body's BatchNorm statistics re-estimated on the site's unlabelled films (cumulative averages, "
-    f"batches of {BN_ADAPT_BATCH_SIZE}); the head, its BatchNorm1d included, as trained"
+    f"batches of {BN_ADAPT_BATCH_SIZE})"
 )
+DESCRIPTIONS = {
+    "batchnorm": _BN + "; the head, its BatchNorm1d included, as trained",
+    "tent": _BN + "; then the body's BatchNorm scales and shifts moved to lower the entropy of the predictions "
+    "on those films (TENT, statistics fixed); the head as trained",
+    "self-training": _BN + "; then the head's last linear layer refitted on the films it reads with confidence "
+    "(pseudo-labels), pulled towards the trained layer",
+}
+DESCRIPTION = DESCRIPTIONS[DEFAULT_METHOD]
 MEMBER_FIELDS = (  # what an ensemble member's model.json repeats of the ensemble's record
     "method",
     "description",
@@ -221,11 +232,19 @@ def check_enough(n: int, allow_few: bool, where: str = "the films given") -> Non
         raise PneumoError(f"{n} readable film{'s' * (n != 1)} found in {where}; adaptation needs at least {need}{hint}")
 
 
-def _adapted_single(model: LoadedModel, pixels: np.ndarray, progress: bool) -> tuple[LoadedModel, int]:
+def _adapted_single(
+    model: LoadedModel, pixels: np.ndarray, progress: bool, method: str = DEFAULT_METHOD
+) -> tuple[LoadedModel, int, dict[str, Any]]:
     net = copy.deepcopy(model.net)
     adapt_batchnorm(net, pixels, model.device, BN_ADAPT_BATCH_SIZE, progress=progress)
     net.eval()
-    return LoadedModel(net, copy.deepcopy(model.meta), model.device), len(batchnorm_layers(net.body))
+    adapted = LoadedModel(net, copy.deepcopy(model.meta), model.device)
+    done: dict[str, Any] = {}
+    if method == "tent":
+        done = site_methods.entropy_minimisation(adapted, pixels, progress)
+    elif method == "self-training":
+        done = site_methods.self_training(adapted, pixels, progress)
+    return adapted, len(batchnorm_layers(net.body)), done
 
 
 def adapt_loaded(
@@ -237,6 +256,7 @@ def adapt_loaded(
     skipped: int = 0,
     where: str = "the films given",
     progress: bool = True,
+    method: str = DEFAULT_METHOD,
 ) -> Adaptation:
     """``model`` adapted to the films ``pixels`` (uint8 ``(N, size, size)``, as ``decode_images`` gives).
 
@@ -244,25 +264,29 @@ def adapt_loaded(
     (``auto`` keeps the threshold). An ensemble's members are each adapted on the same films and the
     ensemble's threshold follows the rule on its mean probabilities.
     """
+    if method not in METHODS:
+        raise PneumoError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     pixels = np.asarray(pixels)
     n = len(pixels)
     check_enough(n, allow_few, where)
     meta = model.meta
     members = getattr(model, "members", None)
     if members:
-        pairs = [_adapted_single(m, pixels, progress) for m in members]
-        adapted: LoadedModel = EnsembleModel([m for m, _ in pairs], copy.deepcopy(meta), model.device)
-        member_layers = [k for _, k in pairs]
+        triples = [_adapted_single(m, pixels, progress, method) for m in members]
+        adapted: LoadedModel = EnsembleModel([m for m, _, _ in triples], copy.deepcopy(meta), model.device)
+        member_layers = [k for _, k, _ in triples]
         layers = sum(member_layers)
+        steps = [d for _, _, d in triples]
     else:
-        adapted, layers = _adapted_single(model, pixels, progress)
+        adapted, layers, done = _adapted_single(model, pixels, progress, method)
+        steps = [done]
 
     earlier = meta.adaptation.get("threshold") if isinstance(meta.adaptation.get("threshold"), dict) else {}
     before = float(earlier["before"]) if _is_fraction_or_edge(earlier.get("before")) else float(meta.threshold)
     prevalence = prevalence or None
     record: dict[str, Any] = {
-        "method": METHOD,
-        "description": DESCRIPTION,
+        "method": method,
+        "description": DESCRIPTIONS[method],
         "films": n,
         "films_skipped": int(skipped),
         "films_sha256": films_hash(pixels),
@@ -278,6 +302,8 @@ def adapt_loaded(
         "threshold": None,
         "pneumo_version": __version__,
     }
+    if method != "batchnorm":
+        record["steps"] = steps  # per network: what the step beyond BatchNorm did
     pos = meta.positive_index
     after = before
     if pos is not None:
@@ -327,7 +353,11 @@ def adapt_loaded(
 
 
 def evaluation_adapter(
-    model: str | Path, threshold_rule: str = "auto", allow_few: bool = False, progress: bool = True
+    model: str | Path,
+    threshold_rule: str = "auto",
+    allow_few: bool = False,
+    progress: bool = True,
+    method: str = DEFAULT_METHOD,
 ) -> Callable[[LoadedModel, np.ndarray], tuple[LoadedModel, dict[str, Any]]]:
     """What ``evaluate_model_on_folder(adapt=...)`` calls: adapt on the evaluated films, labels unused."""
     resolve_rule(threshold_rule, "youden")  # a typo fails before any film is read
@@ -342,6 +372,7 @@ def evaluation_adapter(
             allow_few=allow_few,
             where="the evaluated films",
             progress=progress,
+            method=method,
         )
         return done.model, done.record
 
@@ -370,6 +401,7 @@ def adapt_films(
     allow_few: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    method: str = DEFAULT_METHOD,
 ) -> AdaptResult:
     """Adapt the model folder ``model`` to the images under ``films`` and write it to ``out``.
 
@@ -398,6 +430,7 @@ def adapt_films(
         skipped=skipped,
         where=where,
         progress=progress,
+        method=method,
     )
     write_adapted(done.model, out)
     return AdaptResult(out, done.record, dict(decoded.errors))
@@ -415,8 +448,11 @@ def format_adaptation(record: dict[str, Any]) -> str:
     lines = [
         f"adapted on {record['films']} unlabelled films (labels unused"
         + (f"; {record['films_skipped']} unreadable skipped" if record.get("films_skipped") else "")
-        + f"): BatchNorm statistics of {record['batchnorm_layers']} body layers re-estimated, the head as trained"
+        + f"): BatchNorm statistics of {record['batchnorm_layers']} body layers re-estimated"
+        + (", the head as trained" if record.get("method", "batchnorm") == "batchnorm" else "")
     ]
+    if record.get("method", "batchnorm") != "batchnorm":
+        lines.append(f"  method       {record['method']}: {record['description']}")
     t = record.get("threshold")
     if t:
         lines.append(f"  threshold    {t['before']:.4f} -> {t['after']:.4f} ({t['rule']}: {t['how']})")

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from pneumo.data.cache import decode_images
 from pneumo.data.folders import discover
@@ -38,6 +37,7 @@ from pneumo.errors import DataError, PneumoError
 from pneumo.evaluation.metrics import binary_metrics, choose_threshold, fit_temperature, softmax
 from pneumo.infer.adapt import adapt_loaded, write_adapted
 from pneumo.infer.model_folder import EnsembleModel, LoadedModel, load_model, model_folder
+from pneumo.infer.site_methods import fit_last_layer, hidden_activations
 from pneumo.version import __version__
 
 METHOD = "labelled site calibration"
@@ -45,8 +45,8 @@ FITS = ("head", "threshold")
 MIN_LABELLED_PER_CLASS = 30  # measured: bench/results/calibrate_*.json (README: "Labelled site calibration")
 FEWEST_PER_CLASS = 5  # even with allow_few: folds need a few films of each class
 FOLDS = 5
-ANCHOR = 1e-2  # L2 pull towards the trained last layer, per weight, against the mean loss per film
 THRESHOLD_RULE = "youden"
+CALIBRATION_ANCHOR = 1e-2  # L2 pull towards the trained last layer, per weight, against the mean loss per film
 
 
 @dataclass
@@ -59,39 +59,6 @@ class Calibration:
 
 def _members(model: LoadedModel) -> list[LoadedModel]:
     return list(getattr(model, "members", None) or [model])
-
-
-@torch.inference_mode()
-def hidden_activations(member: LoadedModel, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """What the head's last linear layer reads: pooled body features through the rest of the head (eval mode)."""
-    net = member.net.eval()
-    out = []
-    for i in range(0, len(pixels), batch_size):
-        x = torch.as_tensor(pixels[i : i + batch_size]).unsqueeze(1).to(member.device)
-        out.append(net.head[:-1](net.features(x)).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, net.head[-1].in_features), np.float32)
-
-
-def fit_last_layer(hidden: np.ndarray, labels: np.ndarray, start: torch.Tensor, anchor: float = ANCHOR) -> torch.Tensor:
-    """The last layer's weights ``(classes, hidden)`` minimising class-weighted cross-entropy plus
-    ``anchor * ||W - start||^2``: a convex problem, solved by L-BFGS from the trained weights."""
-    h = torch.as_tensor(hidden, dtype=torch.float64)
-    y = torch.as_tensor(labels, dtype=torch.long)
-    w0 = start.detach().to(torch.float64)
-    counts = torch.bincount(y, minlength=w0.shape[0]).clamp(min=1).to(torch.float64)
-    weights = len(y) / (len(counts) * counts)
-    w = w0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([w], lr=1, max_iter=200, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(h @ w.T, y, weight=weights) + anchor * ((w - w0) ** 2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return w.detach().to(start.dtype)
 
 
 def patient_folds(labels: np.ndarray, patients: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
@@ -126,7 +93,7 @@ def calibrate_loaded(
     labels: np.ndarray,
     patients: np.ndarray,
     fit: str = "head",
-    anchor: float = ANCHOR,
+    anchor: float = CALIBRATION_ANCHOR,
     allow_few: bool = False,
     where: str = "the site's films",
     progress: bool = True,
