@@ -34,7 +34,7 @@ from PIL import Image
 from pneumo.data.cache import decode_images
 from pneumo.data.folders import discover, subtype_of
 from pneumo.evaluation.metrics import binary_metrics, evaluate_predictions
-from pneumo.infer.adapt import evaluation_adapter
+from pneumo.infer.adapt import DEFAULT_METHOD, METHODS, evaluation_adapter
 from pneumo.infer.predict import probabilities_of, readable_pixels
 from pneumo.infer.runtime import open_model
 
@@ -85,7 +85,8 @@ def figures(model: Any, probs: np.ndarray, labels: np.ndarray, names: list[str],
     grid = np.unique(p_pos)
     accs = [binary_metrics(p_pos, y, float(t), pos)["accuracy"] for t in grid]
     best = int(np.argmax(accs))
-    m, ci = report["metrics"], report.get("ci") or {}
+    m, ci = dict(report["metrics"]), report.get("ci") or {}
+    m["balanced_accuracy"] = (m["sensitivity"] + m["specificity"]) / 2
     keep = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "roc_auc", "f1")
     return {
         "n": report["n"],
@@ -164,11 +165,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "plain": figures(model, probs, labels, names, patients),
     }
     if not args.no_adapt:
-        adapted, record = evaluation_adapter(args.model, progress=False)(model, pixels)
-        a_probs = read_set(adapted, pixels, ok, args.tta)
-        result["adapted"] = figures(adapted, a_probs, labels, names, patients)
-        result["adapted"]["method"] = record.get("method")
-        result["adapted"]["threshold_rule"] = (record.get("threshold") or {}).get("rule")
+        for method in args.adapt_methods.split(","):
+            adapted, record = evaluation_adapter(args.model, progress=False, method=method)(model, pixels)
+            a_probs = read_set(adapted, pixels, ok, args.tta)
+            key = "adapted" if method == args.adapt_methods.split(",")[0] else f"adapted_{method}"
+            result[key] = figures(adapted, a_probs, labels, names, patients)
+            result[key]["method"] = record.get("method")
+            result[key]["threshold_rule"] = (record.get("threshold") or {}).get("rule")
     if not args.no_consistency:
         result["consistency"] = consistency(model, kept_paths(kept), ok[ok], probs, labels, args.tta)
     result["seconds"] = round(time.perf_counter() - started, 1)
@@ -204,13 +207,11 @@ def markdown(result: dict[str, Any], title: str) -> str:
         "| best threshold on these films (bound) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for key in ("plain", "adapted"):
-        if key not in result:
-            continue
+    for key in ["plain"] + [k for k in result if k.startswith("adapted")]:
         s, m, fam = result[key], result[key]["metrics"], result[key]["families"]
         bound = s["outside_chosen_threshold_bound"]
         lines.append(
-            f"| {key} | {s['threshold']:.3f} | {_pct(m['accuracy'])}{_ci(s, 'accuracy')} "
+            f"| {key.replace('_', ' ')} | {s['threshold']:.3f} | {_pct(m['accuracy'])}{_ci(s, 'accuracy')} "
             f"| {_pct(m['sensitivity'])}{_ci(s, 'sensitivity')} | {_pct(m['specificity'])}{_ci(s, 'specificity')} "
             f"| {m['roc_auc']:.3f}{_auc_ci(s)} "
             f"| {_pct(fam.get('IM-', {}).get('specificity'))} | {_pct(fam.get('NORMAL2-', {}).get('specificity'))} "
@@ -240,6 +241,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--title", default=None, help="the name of the model in the markdown (default: its folder)")
     p.add_argument("--tta", action="store_true", help="average each film with its mirror")
     p.add_argument("--no-adapt", action="store_true", help="skip the adapted reading")
+    p.add_argument(
+        "--adapt-methods",
+        default=DEFAULT_METHOD,
+        help=f"pneumo adapt --method values to measure, comma-separated, the first reported as 'adapted' "
+        f"(default {DEFAULT_METHOD}; all: {','.join(METHODS)})",
+    )
     p.add_argument("--no-consistency", action="store_true", help="skip the re-encoding table")
     return p.parse_args(argv)
 
