@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 26's candidates, trained as the reference's members are (full training folder, 20% patient
+# validation, seed 42, bench/reference_model.sh's options) and measured on outside-dev by
+# bench/outside.py; bench/rank_outside.py then ranks every record by the rule written before these runs
+# (recipe_experiments.OUTSIDE_RULE). Each run takes 6 to 20 minutes on the 2-core CPU.
+#   bench/outside_candidates.sh ../shared/data/chest_xray_224/train WORK [NAME ...]
+set -euo pipefail
+DATA=${1:?usage: bench/outside_candidates.sh DATA WORK [NAME ...]}
+WORK=${2:?usage: bench/outside_candidates.sh DATA WORK [NAME ...]}
+shift 2
+PNEUMO=${PNEUMO:-pneumo}
+HERE=$(cd "$(dirname "$0")" && pwd)
+RESULTS=${RESULTS:-$HERE/results/outside}
+COMMON=(--pretrained imagenet --split patient --valid-pct 0.2 --epochs 8 --lr 3e-3 --batch-size 64
+        --mode features --bn-adapt-images 1024 --bn-adapt-batch-size 8
+        --class-balance weights --augment-policy radiograph --feature-views 2
+        --threshold youden --seed 42)
+declare -A OPTIONS=(
+  [lite0_stages2]="--arch efficientnet_lite0 --trainable-stages 2"   # the reference's first member
+  [lite2_stages2]="--arch efficientnet_lite2 --trainable-stages 2"   # the reference's second member
+  [lite0_stages4]="--arch efficientnet_lite0 --trainable-stages 4"   # deeper into the body on cached maps
+  [lite1_stages2]="--arch efficientnet_lite1 --trainable-stages 2"   # a third member
+  [tutorial]="--arch efficientnet_lite0 --trainable-stages 0 --class-balance none --feature-views 1 --augment-policy standard"
+)
+for name in "${@:-lite0_stages4}"; do
+  if [ ! -f "$WORK/$name/model/model.json" ]; then
+    # shellcheck disable=SC2086
+    "$PNEUMO" train "$DATA" --out "$WORK/$name" "${COMMON[@]}" ${OPTIONS[$name]}
+  fi
+  python "$HERE/outside.py" "$WORK/$name/model" --out "$RESULTS/$name" --title "$name" > /dev/null
+done
+python "$HERE/rank_outside.py" "$RESULTS"
