@@ -53,6 +53,16 @@ def test_every_command_is_walked():
     assert len(names) >= 15
 
 
+def test_every_command_runs_its_own_handler():
+    """Each command's options sit beside its handler (pneumo/cli/GROUP.py: add_NAME, cmd_NAME): the one it calls."""
+    leaves = [(name, parser) for name, parser in COMMANDS if not parser._subparsers]
+    assert len(leaves) == len(COMMANDS) - 2  # all but `pneumo` and `pneumo data`
+    for name, parser in leaves:
+        handler = parser.get_default("handler")
+        assert handler.__name__ == "cmd_" + "_".join(name.split()[1:]).replace("-", "_"), name
+        assert handler.__module__.startswith("pneumo.cli."), name
+
+
 @pytest.mark.parametrize("name, parser", COMMANDS, ids=[n for n, _ in COMMANDS])
 def test_every_option_has_help_and_shows_its_default(name, parser):
     text = parser.format_help()
