@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 import pneumo
 from conftest import one_torch_thread
-from pneumo.cli import without_option
+from pneumo.cli.training import without_option
 from pneumo.training import distributed
 from pneumo.training.loop import StopRequested, train
 

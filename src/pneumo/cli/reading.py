@@ -1,0 +1,240 @@
+"""``pneumo evaluate``, ``adapt``, ``predict`` and ``explain``: what a model folder reads in films."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pneumo.cli.common import (
+    TTA_HELP,
+    Subcommands,
+    add_audit_arguments,
+    add_command,
+    add_runtime_argument,
+    emit_json,
+)
+from pneumo.config import HEATMAP_CMAP
+from pneumo.errors import PneumoError
+
+
+def add_adapt_arguments(p: argparse.ArgumentParser, evaluate: bool) -> None:
+    """The options of ``pneumo adapt``, shared by ``evaluate --adapt``; pneumo.infer.adapt checks the values."""
+    if evaluate:
+        p.add_argument(
+            "--adapt",
+            action="store_true",
+            help="first adapt the model to the evaluated films themselves, their labels unused (as pneumo adapt)",
+        )
+    with_adapt = "with --adapt: " if evaluate else ""
+    p.add_argument(
+        "--threshold",
+        default=None,
+        metavar="RULE",
+        help=f"{with_adapt}how the threshold is re-derived without labels: keep, prior (moved by the prevalence "
+        "estimated on the films) or auto (default: prior for a fixed: threshold, keep for youden and sensitivity:)",
+    )
+    p.add_argument(
+        "--allow-few",
+        action="store_true",
+        help=f"{with_adapt}adapt on fewer films than the measured minimum (pneumo.infer.adapt.MIN_ADAPT_FILMS)",
+    )
+
+
+def add_evaluate(sub: Subcommands) -> None:
+    p = add_command(
+        sub, "evaluate", cmd_evaluate, "error rate, sensitivity, specificity, PPV, NPV, ROC-AUC on a folder"
+    )
+    p.add_argument("model", help="model folder (RUN/model) or run folder")
+    p.add_argument("data", help="folder of class folders, or a Kaggle root (its test split is used)")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="with a Kaggle root: test (default), train or valid; a folder of class folders is read whole",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for evaluation.json and the figures; RUN/test keeps it in the run's report",
+    )
+    p.add_argument("--tta", action="store_true", help=TTA_HELP)
+    p.add_argument("--json", action="store_true", help="print the evaluation as JSON")
+    add_adapt_arguments(p, evaluate=True)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pneumo.infer.predict import evaluate_model_on_folder, format_evaluation
+
+    adapt = None
+    if args.adapt:
+        from pneumo.infer.adapt import evaluation_adapter
+
+        adapt = evaluation_adapter(
+            args.model, args.threshold or "auto", allow_few=args.allow_few, progress=not args.json
+        )
+    elif args.threshold is not None or args.allow_few:
+        raise PneumoError("--threshold and --allow-few say how to adapt: they go with --adapt")
+    report = evaluate_model_on_folder(
+        args.model, args.data, out=args.out, split=args.split, tta=args.tta, progress=not args.json, adapt=adapt
+    )
+    emit_json(report) if args.json else print(format_evaluation(report))
+    return 0
+
+
+def add_adapt(sub: Subcommands) -> None:
+    p = add_command(
+        sub,
+        "adapt",
+        cmd_adapt,
+        "adapt a model to a new site from its unlabelled films: BatchNorm statistics re-estimated, "
+        "threshold re-derived without labels (pneumo.infer.adapt)",
+    )
+    p.add_argument("model", help="model folder (RUN/model) or run folder")
+    p.add_argument("films", help="folder of the site's images, searched recursively; labels are never read")
+    p.add_argument("--out", required=True, help="folder for the adapted model (a model folder)")
+    p.add_argument("--json", action="store_true", help="print what was done as JSON")
+    add_adapt_arguments(p, evaluate=False)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from pneumo.infer.adapt import adapt_films, format_adaptation
+
+    result = adapt_films(
+        args.model,
+        args.films,
+        args.out,
+        threshold_rule=args.threshold or "auto",
+        allow_few=args.allow_few,
+        progress=not args.json,
+    )
+    if args.json:
+        emit_json(result.summary())
+    else:
+        print(f"adapted model: {result.out}\n{format_adaptation(result.record)}")
+        for path, why in result.skipped.items():
+            print(f"  skipped {path}: {why}")
+    return 0
+
+
+def add_predict(sub: Subcommands) -> None:
+    p = add_command(sub, "predict", cmd_predict, "label and probability for image files or folders")
+    p.add_argument("model", help="model folder (RUN/model) or run folder")
+    p.add_argument("paths", nargs="+", help="image files, or folders searched recursively")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument(
+        "--json",
+        action="store_true",
+        help="one object per image: label, p_positive (p of the positive class), threshold, reading, p_CLASS",
+    )
+    fmt.add_argument("--csv", action="store_true", help="the same as CSV, one row per image")
+    p.add_argument("--tta", action="store_true", help=TTA_HELP)
+    add_audit_arguments(p)
+    add_runtime_argument(p)
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE",
+        help="stream the predictions into FILE.csv or FILE.parquet (a folder of parts) in chunks, memory bounded; "
+        "a rerun skips the files already there",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="with --out: local (this process, the default) or ray (Ray Data; needs pneumo[ray])",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --engine ray: the cluster to join (auto, or ray://HEAD:10001); default: start one on this machine",
+    )
+    p.add_argument("--chunk-size", type=int, default=256, metavar="N", help="with --out: images per chunk")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    if args.out is not None:  # an archive: streamed, bounded memory, resumable
+        return predict_into_archive(args)
+    if args.engine != "local" or args.address is not None:
+        raise PneumoError("--engine ray and --address write an archive's predictions: add --out FILE.csv|FILE.parquet")
+    from pneumo.infer.predict import predict_files, write_predictions
+
+    progress = not (args.json or args.csv)
+    if args.no_audit:
+        rows = predict_files(args.model, args.paths, tta=args.tta, progress=progress, runtime=args.runtime)
+    else:
+        from pneumo.audit.record import predict_and_record
+
+        rows = predict_and_record(
+            args.model, args.paths, db=args.db, tta=args.tta, progress=progress, runtime=args.runtime
+        )
+    write_predictions(rows, fmt="json" if args.json else "csv" if args.csv else "table", stream=sys.stdout)
+    return 1 if rows and all(r.get("error") for r in rows) else 0
+
+
+def predict_into_archive(args: argparse.Namespace) -> int:
+    """``pneumo predict ... --out FILE``: streamed in chunks, each recorded in the audit trail as it is written."""
+    from pneumo.infer.batch import format_summary, predict_archive
+
+    if args.csv:
+        raise PneumoError("--csv prints rows; with --out the format follows the file name (.csv or .parquet)")
+    trail = None
+    if not args.no_audit:  # every reading recorded, a chunk at a time
+        from pneumo.audit.record import AuditTrail
+        from pneumo.infer.model_folder import model_folder
+
+        trail = AuditTrail.open(args.db, model_folder(args.model))
+    try:
+        summary = predict_archive(
+            args.model,
+            args.paths,
+            args.out,
+            engine=args.engine,
+            address=args.address,
+            chunk_size=args.chunk_size,
+            tta=args.tta,
+            progress=not args.json,
+            on_chunk=trail.record_files if trail else None,
+        )
+    finally:
+        if trail is not None:
+            trail.close()
+    emit_json(summary.to_dict()) if args.json else print(format_summary(summary))
+    return 1 if summary.predicted and summary.errors == summary.predicted else 0
+
+
+def add_explain(sub: Subcommands) -> None:
+    p = add_command(sub, "explain", cmd_explain, "Grad-CAM heatmap over the X-ray at its own resolution")
+    p.add_argument("model", help="model folder (RUN/model) or run folder")
+    p.add_argument("image", help="the X-ray (JPEG or PNG)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="PNG to write, or a folder for it (default: IMAGE_gradcam.png in the current folder, named after "
+        "the image; never beside it, where it would join a class folder)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (else pneumo refuses)")
+    p.add_argument("--class", dest="target_class", default=None, help="class to explain (default: the predicted one)")
+    p.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity, 0..1")
+    p.add_argument(
+        "--cmap",
+        default=HEATMAP_CMAP,
+        help="matplotlib colormap (default %(default)s: perceptually uniform, colour-blind safe)",
+    )
+    p.add_argument("--json", action="store_true", help="print the reading and the output file as JSON")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pneumo.infer.explain import default_out, explain_image
+
+    result = explain_image(
+        args.model,
+        args.image,
+        default_out(args.image, args.out),
+        target_class=args.target_class,
+        alpha=args.alpha,
+        cmap=args.cmap,
+        overwrite=args.overwrite,
+    )
+    emit_json(result) if args.json else print(
+        f"{result['label']}: {result['reading']}\nGrad-CAM for {result['target_class']} written to {result['out']}"
+    )
+    return 0
