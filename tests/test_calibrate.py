@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from conftest import SAMPLE_ROOT, one_torch_thread
+from pneumo.cli import main
 from pneumo.errors import PneumoError
 from pneumo.evaluation.metrics import choose_threshold
 from pneumo.infer.calibrate import (
@@ -134,3 +135,31 @@ def test_an_ensemble_is_calibrated_member_by_member_with_one_threshold(trained_r
     assert loaded.threshold == pytest.approx(record["threshold"]["after"])
     assert all(m.meta.adaptation["labels_used"] and m.meta.adaptation["threshold"] is None for m in loaded.members)
     assert len(record["temperatures"]) == 2
+
+
+def test_pneumo_adapt_labelled_writes_a_calibrated_folder_whose_card_says_labels_were_used(
+    trained_run, tmp_path, capsys
+):
+    out = tmp_path / "calibrated"
+    assert main(["adapt", str(trained_run), str(SITE), "--labelled", "--out", str(out), "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["out"] == str(out) and said["adaptation"]["labels_used"] is True
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["adaptation"]["method"] == "labelled site calibration"
+    assert meta["threshold"] == pytest.approx(said["adaptation"]["threshold"]["after"])
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Calibrated on a site's labelled films" in card and "labels were used" in card
+    assert str(SITE) not in card and str(SITE) not in json.dumps(meta)
+    assert main(["adapt", str(trained_run), str(SITE), "--labelled", "--fit", "threshold", "--out", str(out)]) == 2
+    assert "holds a model already" in capsys.readouterr().err
+
+
+def test_adapt_options_that_do_not_go_together_are_refused(trained_run, tmp_path, capsys):
+    out = str(tmp_path / "x")
+    assert main(["adapt", str(trained_run), str(SITE), "--fit", "head", "--out", out]) == 2
+    assert "--fit" in capsys.readouterr().err
+    assert main(["adapt", str(trained_run), str(SITE), "--labelled", "--method", "tent", "--out", out]) == 2
+    assert "--labelled chooses both" in capsys.readouterr().err
+    assert main(["adapt", str(trained_run), str(SITE), "--labelled", "--fit", "all", "--out", out]) == 2
+    assert "--fit 'all'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from pneumo.cli import audit, compare, data, models, reading, runs, serving, training
+from pneumo.cli import adapt, audit, compare, data, models, reading, runs, serving, training
 from pneumo.cli.common import HelpFormatter, Subcommands
 from pneumo.errors import PneumoError
 from pneumo.version import __version__
@@ -24,7 +24,7 @@ COMMANDS: tuple[Callable[[Subcommands], None], ...] = (
     training.add_lr_find,
     training.add_train,
     reading.add_evaluate,
-    reading.add_adapt,
+    adapt.add_adapt,
     reading.add_predict,
     runs.add_ensemble,
     runs.add_report,

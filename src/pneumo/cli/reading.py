@@ -1,10 +1,11 @@
-"""``pneumo evaluate``, ``adapt``, ``predict`` and ``explain``: what a model folder reads in films."""
+"""``pneumo evaluate``, ``predict`` and ``explain``: what a model folder reads in films."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from pneumo.cli.adapt import add_adapt_arguments
 from pneumo.cli.common import (
     TTA_HELP,
     Subcommands,
@@ -15,29 +16,6 @@ from pneumo.cli.common import (
 )
 from pneumo.config import HEATMAP_CMAP
 from pneumo.errors import PneumoError
-
-
-def add_adapt_arguments(p: argparse.ArgumentParser, evaluate: bool) -> None:
-    """The options of ``pneumo adapt``, shared by ``evaluate --adapt``; pneumo.infer.adapt checks the values."""
-    if evaluate:
-        p.add_argument(
-            "--adapt",
-            action="store_true",
-            help="first adapt the model to the evaluated films themselves, their labels unused (as pneumo adapt)",
-        )
-    with_adapt = "with --adapt: " if evaluate else ""
-    p.add_argument(
-        "--threshold",
-        default=None,
-        metavar="RULE",
-        help=f"{with_adapt}how the threshold is re-derived without labels: keep, prior (moved by the prevalence "
-        "estimated on the films) or auto (default: prior for a fixed: threshold, keep for youden and sensitivity:)",
-    )
-    p.add_argument(
-        "--allow-few",
-        action="store_true",
-        help=f"{with_adapt}adapt on fewer films than the measured minimum (pneumo.infer.adapt.MIN_ADAPT_FILMS)",
-    )
 
 
 def add_evaluate(sub: Subcommands) -> None:
@@ -69,49 +47,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from pneumo.infer.adapt import evaluation_adapter
 
         adapt = evaluation_adapter(
-            args.model, args.threshold or "auto", allow_few=args.allow_few, progress=not args.json
+            args.model,
+            args.threshold or "auto",
+            allow_few=args.allow_few,
+            progress=not args.json,
+            method=args.method or "batchnorm",
         )
-    elif args.threshold is not None or args.allow_few:
-        raise PneumoError("--threshold and --allow-few say how to adapt: they go with --adapt")
+    elif args.threshold is not None or args.allow_few or args.method is not None:
+        raise PneumoError("--threshold, --method and --allow-few say how to adapt: they go with --adapt")
     report = evaluate_model_on_folder(
         args.model, args.data, out=args.out, split=args.split, tta=args.tta, progress=not args.json, adapt=adapt
     )
     emit_json(report) if args.json else print(format_evaluation(report))
-    return 0
-
-
-def add_adapt(sub: Subcommands) -> None:
-    p = add_command(
-        sub,
-        "adapt",
-        cmd_adapt,
-        "adapt a model to a new site from its unlabelled films: BatchNorm statistics re-estimated, "
-        "threshold re-derived without labels (pneumo.infer.adapt)",
-    )
-    p.add_argument("model", help="model folder (RUN/model) or run folder")
-    p.add_argument("films", help="folder of the site's images, searched recursively; labels are never read")
-    p.add_argument("--out", required=True, help="folder for the adapted model (a model folder)")
-    p.add_argument("--json", action="store_true", help="print what was done as JSON")
-    add_adapt_arguments(p, evaluate=False)
-
-
-def cmd_adapt(args: argparse.Namespace) -> int:
-    from pneumo.infer.adapt import adapt_films, format_adaptation
-
-    result = adapt_films(
-        args.model,
-        args.films,
-        args.out,
-        threshold_rule=args.threshold or "auto",
-        allow_few=args.allow_few,
-        progress=not args.json,
-    )
-    if args.json:
-        emit_json(result.summary())
-    else:
-        print(f"adapted model: {result.out}\n{format_adaptation(result.record)}")
-        for path, why in result.skipped.items():
-            print(f"  skipped {path}: {why}")
     return 0
 
 

@@ -36,6 +36,7 @@ from pneumo.data.folders import discover
 from pneumo.errors import DataError, PneumoError
 from pneumo.evaluation.metrics import binary_metrics, choose_threshold, fit_temperature, softmax
 from pneumo.infer.adapt import adapt_loaded, write_adapted
+from pneumo.infer.model_card import write_model_card
 from pneumo.infer.model_folder import EnsembleModel, LoadedModel, load_model, model_folder
 from pneumo.infer.site_methods import fit_last_layer, hidden_activations
 from pneumo.version import __version__
@@ -219,6 +220,7 @@ def calibrate_films(
     )
     done.record["films_skipped"] = len(skipped)
     write_adapted(done.model, out)
+    write_model_card(out)  # the card says that the site's labels were used
     return out, done.record, skipped
 
 
