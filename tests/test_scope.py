@@ -144,6 +144,7 @@ def test_serve_says_out_of_scope_for_a_dicom_upload(trained_run, tmp_path):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["in_scope"] is False and body["label"] is None and "KNEE" in body["warning"]
+    assert body["reading"] is None and body["p_positive"] == body["probabilities"]["PNEUMONIA"]  # kept, undecided
     chest = write_dicom(tmp_path / "chest.dcm").read_bytes()
     r = client.post("/api/predict?heatmap=false", files={"file": ("c.dcm", chest, "application/octet-stream")})
     assert r.status_code == 200 and "in_scope" in r.json() and r.json()["image"]["mode"] == "L"

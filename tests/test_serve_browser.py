@@ -89,6 +89,7 @@ def test_page_reads_an_uploaded_xray(server: str, tmp_path: Path) -> None:
             page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
             page.goto(server + "/")
             sync_api.expect(page.locator("#model-info")).to_contain_text("efficientnet_lite0")
+            sync_api.expect(page.locator("#drop")).to_contain_text("Drop a JPEG, PNG or DICOM chest X-ray here")
             page.set_input_files("#file", str(image))
             page.wait_for_selector("#result:not([hidden])", timeout=60_000)
             label = page.inner_text("#label")
