@@ -15,9 +15,7 @@ as the default trained model (the trail records whatever the model says).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,15 +27,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "src" / "pneumo" / "sample_data" / "chest_xray"
+from common import RESULTS, SAMPLE, free_port, write_report
+
 VARIANTS = {"no_audit": None, "audit_normal": "NORMAL", "audit_full": "FULL"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def untrained_model(folder: Path) -> Path:
@@ -113,7 +105,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="per round and variant")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "audit_overhead.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "audit_overhead.json")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="pneumo-audit-bench-"))
@@ -178,9 +170,7 @@ def main() -> None:
         v["p50_change_ms"] = round(v["p50_ms"] - base["p50_ms"], 1)
         v["p95_change_ms"] = round(v["p95_ms"] - base["p95_ms"], 1)
     report["write_cost_alone"] = {sync: write_cost(model, work, sync) for sync in ("NORMAL", "FULL")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":
