@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from common import RESULTS, SAMPLE, free_port, write_report
+from common import RESULTS, SAMPLE, free_port, wait_for_health, write_report
 
 VARIANTS = {"no_audit": None, "audit_normal": "NORMAL", "audit_full": "FULL"}
 
@@ -49,18 +49,8 @@ def start_server(model: Path, sync: str | None, db: Path, workers: int, log: Pat
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PNEUMO_AUDIT_SYNC": sync or "NORMAL"}
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"audit_overhead: server exited; see {log}:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit(f"audit_overhead: server did not start; see {log}")
+    wait_for_health(proc, base, log, 180, "audit_overhead")
+    return proc, base
 
 
 def write_cost(model: Path, work: Path, sync: str, n: int = 200) -> dict:

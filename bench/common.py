@@ -13,7 +13,9 @@ import math
 import random
 import resource
 import socket
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_health(proc: subprocess.Popen, base: str, log: Path, seconds: float, who: str) -> None:
+    """Return once the server ``proc`` started answers ``base``/health with 200; end the benchmark
+    (naming ``who`` and the server's ``log``) if it exits or stays silent for ``seconds``."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{who}: server exited with {proc.returncode}; see {log}:\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit(f"{who}: server did not answer /health within {seconds:g} s; see {log}")
 
 
 def rounded(value: Any, digits: int = 4) -> float | None:

@@ -36,7 +36,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from common import SAMPLE, free_port, write_report
+from common import SAMPLE, free_port, wait_for_health, write_report
 
 FULLRES = Path("/work/shared/data/chest_xray_fullres_sample")
 # kind -> (share of requests, expected status)
@@ -136,18 +136,8 @@ def start_server(model: Path, port: int, args: argparse.Namespace, log: Path) ->
             resource.setrlimit(resource.RLIMIT_NOFILE, (args.descriptors, args.descriptors))
 
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, preexec_fn=limit_descriptors)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"load_test: server exited with {proc.returncode}; see {log}:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit(f"load_test: server did not answer /health within 120 s; see {log}")
+    wait_for_health(proc, f"http://127.0.0.1:{port}", log, 120, "load_test")
+    return proc
 
 
 def rss_mb(pid: int) -> dict[str, float]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -72,10 +74,31 @@ def test_run_report_says_a_pneumo_error_in_one_line_with_status_2(tmp_path, caps
 
 def test_bench_scripts_import_common_not_their_own_copies():
     """The helpers live once: no bench script defines its own copy of a common one."""
-    shared = {"stratified_indices", "stratified_subset", "cpu_seconds", "free_port", "rounded", "write_report"}
+    shared = {
+        "stratified_indices",
+        "stratified_subset",
+        "cpu_seconds",
+        "free_port",
+        "rounded",
+        "write_report",
+        "wait_for_health",
+    }
     for script in sorted(common.BENCH.glob("*.py")):
         if script.name == "common.py":
             continue
         text = script.read_text()
         copies = [name for name in shared if f"def {name}(" in text]
         assert not copies, f"{script.name} defines {copies}: import them from bench/common.py"
+
+
+def test_wait_for_health_ends_the_benchmark_naming_the_log(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("Traceback: no model here\n")
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    with pytest.raises(SystemExit, match=r"bench_x: server exited with 0; see .*server.log:\nTraceback"):
+        common.wait_for_health(exited, f"http://127.0.0.1:{common.free_port()}", log, 5, "bench_x")
+    silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with pytest.raises(SystemExit, match=r"did not answer /health within 0.5 s"):
+        common.wait_for_health(silent, f"http://127.0.0.1:{common.free_port()}", log, 0.5, "bench_x")
+    assert silent.wait(timeout=10) != 0  # killed, not left running
