@@ -6,7 +6,6 @@ installs both; ``playwright install`` is never used, it downloads browsers from 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-from conftest import one_torch_thread  # noqa: E402
+from conftest import free_port, one_torch_thread  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "sample_data" / "chest_xray"
 
@@ -39,12 +38,6 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is miss
 def _single_thread() -> Iterator[None]:
     with one_torch_thread():
         yield
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
