@@ -41,9 +41,6 @@ a 1,043-film validation split): minutes on a GPU (``--device cuda``), hours on a
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import math
 import sys
 import time
 from collections import defaultdict
@@ -55,6 +52,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from common import RESULTS, rounded, run_report, stratified_indices
 from pneumo.data.folders import reference_prevalence
 from pneumo.data.imaging import open_image, prepare
 from pneumo.data.shifts import grey, make_shifts
@@ -68,10 +66,8 @@ from pneumo.infer.adapt import (
     training_prevalence,
 )
 from pneumo.infer.model_folder import LoadedModel, load_model
-from pneumo.io_utils import atomic_write_json
 from pneumo.run_folder import RunFolder
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CLEAN = "clean"
 DEFAULT_SHIFTS = f"{CLEAN},gamma_1.6,contrast_0.7,blur_2,jpeg_50,gamma_1.6+contrast_0.7+jpeg_50"
 DEFAULT_SIZES = "8,16,32,64,128,all"
@@ -105,17 +101,6 @@ def held_out_films(run: RunFolder, classes: list[str]) -> tuple[list[str], np.nd
     if len(paths) < len(split.valid):
         notes.append(f"{len(split.valid) - len(paths)} validation films skipped: their folder names no class")
     return paths, np.asarray(labels, dtype=int), groups, notes
-
-
-def stratified(labels: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
-    """At most ``limit`` indices with the class proportions kept, in order."""
-    if limit is None or limit >= labels.size:
-        return np.arange(labels.size)
-    keep = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        keep.append(rng.permutation(members)[: max(1, round(limit * members.size / labels.size))])
-    return np.sort(np.concatenate(keep))
 
 
 def at_prevalence(idx: np.ndarray, is_pos: np.ndarray, fraction: float | None, rng: np.random.Generator) -> np.ndarray:
@@ -206,18 +191,14 @@ def rule_rows(
     return rows
 
 
-def _r(v: Any) -> Any:
-    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else round(float(v), 4)
-
-
 def aggregate(draws: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"draws": len(draws)}
     for key in METRICS:
         values = [d[key] for d in draws if d.get(key) is not None]
         if values:
-            out[key] = _r(np.mean(values))
+            out[key] = rounded(np.mean(values))
             if len(values) > 1:
-                out[f"{key}_min"], out[f"{key}_max"] = _r(min(values)), _r(max(values))
+                out[f"{key}_min"], out[f"{key}_max"] = rounded(min(values)), rounded(max(values))
     return out
 
 
@@ -291,7 +272,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prior = None if prior_info is None else prior_info["value"]
     paths, labels, groups, notes = held_out_films(folder, classes)
     rng = np.random.default_rng(args.seed)
-    keep = stratified(labels, args.limit, rng)
+    keep = stratified_indices(labels, args.limit, rng)
     films, ok = [], []
     for i in tqdm(keep, desc="decoding films", unit="film", leave=False, disable=args.no_progress):
         try:
@@ -406,7 +387,7 @@ def summarise(results: list[dict[str, Any]], sizes: list) -> dict[str, Any]:
                     gaps.append(full["accuracy"] - part["accuracy"])
                     worst_draw.append(full["accuracy"] - part.get("accuracy_min", part["accuracy"]))
             if gaps:
-                shortfall[str(n)] = {"worst_mean_gap": _r(max(gaps)), "worst_draw_gap": _r(max(worst_draw))}
+                shortfall[str(n)] = {"worst_mean_gap": rounded(max(gaps)), "worst_draw_gap": rounded(max(worst_draw))}
         enough = [int(n) for n, g in shortfall.items() if g["worst_mean_gap"] <= TOLERANCE]
         smallest = min(enough) if enough else None
         rules: dict[str, Any] = {}
@@ -416,7 +397,7 @@ def summarise(results: list[dict[str, Any]], sizes: list) -> dict[str, Any]:
                 rows = [r for r in rows if r]
                 if rows:
                     rules[f"{films}/{rule}"] = {
-                        k: _r(np.mean([r[k] for r in rows if r.get(k) is not None]))
+                        k: rounded(np.mean([r[k] for r in rows if r.get(k) is not None]))
                         for k in ("accuracy", "balanced_accuracy", "sensitivity", "specificity")
                         if any(r.get(k) is not None for r in rows)
                     }
@@ -432,17 +413,11 @@ def summarise(results: list[dict[str, Any]], sizes: list) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # anything pneumo prints goes to stderr; stdout is JSON
-            report = run(args)
-    except PneumoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = args.out or RESULTS / f"adapt_{args.name or RunFolder.holding(args.run).path.resolve().name}.json"
-    atomic_write_json(out, report)
-    report["written_to"] = str(out)
-    print(json.dumps(report, indent=2))
-    return 0
+
+    def out(_: dict) -> Path:  # named after the run once run() has read it (a bad RUN is its error)
+        return args.out or RESULTS / f"adapt_{args.name or RunFolder.holding(args.run).path.resolve().name}.json"
+
+    return run_report(lambda: run(args), out)
 
 
 if __name__ == "__main__":

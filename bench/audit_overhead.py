@@ -15,9 +15,7 @@ as the default trained model (the trail records whatever the model says).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,15 +27,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "src" / "pneumo" / "sample_data" / "chest_xray"
+from common import RESULTS, SAMPLE, free_port, wait_for_health, write_report
+
 VARIANTS = {"no_audit": None, "audit_normal": "NORMAL", "audit_full": "FULL"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def untrained_model(folder: Path) -> Path:
@@ -57,18 +49,8 @@ def start_server(model: Path, sync: str | None, db: Path, workers: int, log: Pat
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PNEUMO_AUDIT_SYNC": sync or "NORMAL"}
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"audit_overhead: server exited; see {log}:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit(f"audit_overhead: server did not start; see {log}")
+    wait_for_health(proc, base, log, 180, "audit_overhead")
+    return proc, base
 
 
 def write_cost(model: Path, work: Path, sync: str, n: int = 200) -> dict:
@@ -113,7 +95,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="per round and variant")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "audit_overhead.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "audit_overhead.json")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="pneumo-audit-bench-"))
@@ -178,9 +160,7 @@ def main() -> None:
         v["p50_change_ms"] = round(v["p50_ms"] - base["p50_ms"], 1)
         v["p95_change_ms"] = round(v["p95_ms"] - base["p95_ms"], 1)
     report["write_cost_alone"] = {sync: write_cost(model, work, sync) for sync in ("NORMAL", "FULL")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Prints one JSON object::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_DATA = Path("/work/shared/data/chest_xray_224/train")
+from common import DEFAULT_DATA, write_report
 
 
 def evict(paths: Sequence[Path]) -> bool:
@@ -114,12 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
     result = run(args.data, args.size, args.limit, args.progress)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        from pneumo.io_utils import atomic_write_text
-
-        atomic_write_text(args.json_out, text + "\n")
+    write_report(result, args.json_out)
     return 0
 
 

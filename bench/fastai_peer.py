@@ -24,6 +24,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from common import cpu_seconds
+
 
 def peak_memory_mb(device: str) -> dict[str, float]:
     """Process RSS high-water (and DataLoader workers') on the CPU; allocated GPU memory on CUDA."""
@@ -38,12 +40,6 @@ def peak_memory_mb(device: str) -> dict[str, float]:
     else:
         out["peak_mem_mb"] = out["peak_rss_mb"]
     return {k: round(v, 1) for k, v in out.items()}
-
-
-def cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children (the DataLoader workers)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run_fastai(

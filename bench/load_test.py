@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import resource
 import socket
@@ -37,8 +36,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "src" / "pneumo" / "sample_data" / "chest_xray"
+from common import SAMPLE, free_port, wait_for_health, write_report
+
 FULLRES = Path("/work/shared/data/chest_xray_fullres_sample")
 # kind -> (share of requests, expected status)
 MIX = {
@@ -51,12 +50,6 @@ MIX = {
     "png_8900_square": (0.03, 413),
     "oversize": (0.06, 413),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
@@ -143,18 +136,8 @@ def start_server(model: Path, port: int, args: argparse.Namespace, log: Path) ->
             resource.setrlimit(resource.RLIMIT_NOFILE, (args.descriptors, args.descriptors))
 
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, preexec_fn=limit_descriptors)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"load_test: server exited with {proc.returncode}; see {log}:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit(f"load_test: server did not answer /health within 120 s; see {log}")
+    wait_for_health(proc, f"http://127.0.0.1:{port}", log, 120, "load_test")
+    return proc
 
 
 def rss_mb(pid: int) -> dict[str, float]:
@@ -451,10 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
         report["server_tracebacks"] = text.count("Traceback")
-    out = json.dumps(report, indent=2)
-    print(out)
-    if args.json_out:
-        args.json_out.write_text(out + "\n")
+    write_report(report, args.json_out)
     failed = report["server_errors"] or report["transport_errors"] or report["server_tracebacks"]
     return 1 if failed or report["unexpected_status"] or len(ok_health) < len(health) else 0
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, RESULTS, write_report
+
 TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]  # as the Makefile installs
 
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=60, help="single-film calls per runtime")
     parser.add_argument("--batch-repeats", type=int, default=7, help="batches of 64 per runtime")
     parser.add_argument("--install-sizes", action="store_true", help="also build and measure both installs")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "onnx_speed.json"))
+    parser.add_argument("--out", default=str(RESULTS / "onnx_speed.json"))
     args = parser.parse_args(argv)
 
     import onnxruntime
@@ -122,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from pneumo.infer.model_folder import load_model, model_folder
     from pneumo.infer.onnx import SAMPLE_DATA, check_parity, export_onnx, load_onnx_model, parity_path
-    from pneumo.io_utils import atomic_write_json
 
     torch.set_num_threads(args.threads)
     folder = model_folder(args.model)
@@ -158,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"]["loadavg_after"] = os.getloadavg()[0]
     if args.install_sizes:
         result["install_megabytes"] = {"full": venv_size("full"), "serve_onnx": venv_size("serve-onnx")}
-    print(json.dumps(result, indent=2))
-    atomic_write_json(args.out, result)
+    write_report(result, Path(args.out))
     return 0
 
 

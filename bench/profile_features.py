@@ -23,16 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import DEFAULT_DATA, stratified_subset  # the same subset as the speed benchmark
 from pneumo.config import TrainConfig
 from pneumo.data.cache import decode_images
 from pneumo.nets.batchnorm import adapt_batchnorm
 from pneumo.nets.models import create_model, set_body_trainable
 from pneumo.training.features import extract_features
 from pneumo.training.phases import HeadOnFeatures, make_optimizer
-
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-from speed import DEFAULT_DATA, stratified_subset  # noqa: E402 - the same subset as the speed benchmark
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, object]:

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import DEFAULT_DATA, write_report
 from outside import OUTSIDE_DEV  # bench/outside.py, beside this script
 from outside import parse_args as outside_args
 from outside import run as run_outside
@@ -32,8 +33,6 @@ from pneumo.infer.ensemble import make_ensemble
 from pneumo.infer.predict import evaluate_model_on_folder
 from shift import parse_args as shift_args  # bench/shift.py, beside this script
 from shift import run as run_shift
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_224" / "train"
 
 # Every candidate states the options that define it, so a record keeps its meaning when pneumo's
 # defaults change (they did: "balanced_stages2_views2" won and became the default).
@@ -442,9 +441,8 @@ def main() -> None:
         "report_split": reported,
         "report_shift": report_shift,
     }
-    (out / "recipe.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, out / "recipe.md")
-    print(json.dumps(result, indent=2))
+    write_report(result, out / "recipe.json")
 
 
 if __name__ == "__main__":

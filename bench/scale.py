@@ -44,9 +44,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "src" / "pneumo" / "sample_data" / "chest_xray"
-DEFAULT_DATA = Path("/work/shared/data/chest_xray_224/train")
+from common import DEFAULT_DATA, REPO, RESULTS, SAMPLE, write_report
 
 
 def child_env(cache: Path | None = None) -> dict[str, str]:
@@ -221,7 +219,7 @@ def main() -> int:
     ap.add_argument("--ddp-views", type=int, default=1, help="--feature-views of the DDP runs")
     ap.add_argument("--skip-ddp", action="store_true")
     ap.add_argument("--skip-predict", action="store_true")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     ap.add_argument(
         "--model", type=Path, default=None, help="a model folder to predict with (default: train the tiny one)"
     )
@@ -264,9 +262,7 @@ def main() -> int:
             engines = args.engines.split(",")
             result["predict"] = bench_predict(work, args.data, model, sizes, engines, args.chunk_size)
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_report(result, args.out)
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,13 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from common import SHARED_DATA, write_report
 from pneumo.data.cache import decode_images
 from pneumo.data.imaging import open_image, prepare
 from pneumo.data.shifts import SHIFTS
 from pneumo.infer.model_folder import load_model
 from pneumo.infer.scope import dicom_reasons, fit_feature_scope, scope_features
 
-SHARED = Path("/work/shared/data")
 PHOTOS = ["chelsea", "astronaut", "camera", "coffee", "rocket", "text", "moon", "page"]
 
 
@@ -46,11 +45,11 @@ def main() -> None:
     def ratios(pixels: list[np.ndarray]) -> list[float]:
         return [round(float(r), 3) for r in scope.distances(scope_features(model, np.stack(pixels))) / scope.threshold]
 
-    full = sorted((SHARED / "chest_xray_fullres_sample").rglob("*.jpeg"))
+    full = sorted((SHARED_DATA / "chest_xray_fullres_sample").rglob("*.jpeg"))
     groups: dict[str, dict] = {"fullres_originals": {"ratios": ratios([prepare(p, size) for p in full])}}
     for name, shift in SHIFTS.items():
         groups[f"shift:{name}"] = {"ratios": ratios([prepare(shift(open_image(p)), size) for p in full])}
-    dicoms = sorted((SHARED / "dicom").glob("*.dcm"))
+    dicoms = sorted((SHARED_DATA / "dicom").glob("*.dcm"))
     groups["dicom"] = {
         "files": [p.name for p in dicoms],
         "ratios": ratios([prepare(p, size) for p in dicoms]),
@@ -70,10 +69,7 @@ def main() -> None:
         "valid_flagged_heldout": int((scope.valid_distances > scope.threshold).sum()),
         "groups": groups,
     }
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    sys.stdout.write(text + "\n")
+    write_report(result, args.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import DEFAULT_DATA
 from pneumo import train
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_224" / "train"
 
 
 def main() -> None:

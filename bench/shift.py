@@ -22,10 +22,8 @@ DIR/shift_films.csv (every film's p(positive) under every condition).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
-import json
 import math
 import sys
 import time
@@ -37,6 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from common import SHARED_DATA, rounded, run_report, stratified_indices
 from pneumo.data.folders import discover, is_image_file, reference_prevalence
 from pneumo.data.imaging import open_image, prepare
 from pneumo.data.shifts import (
@@ -59,9 +58,6 @@ from pneumo.io_utils import atomic_write_json, atomic_write_text
 from pneumo.run_folder import RunFolder
 
 DEFAULT_FULLRES_COPIES = "chest_xray_224/train"  # beside the full-res sample in shared/data
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not SHARED_DATA.is_dir():  # a clone elsewhere on the development machine
-    SHARED_DATA = Path("/work/shared/data")
 SHARED_FULLRES = SHARED_DATA / "chest_xray_fullres_sample"
 CLEAN = "clean"
 
@@ -101,22 +97,6 @@ def films_from_folder(folder: Path) -> list[str]:
             f"{folder}: holds split folders {data.splits}; point --films at one of them (a folder of class folders)"
         )
     return [str(s.path) for s in data.samples]
-
-
-def stratified_limit(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
-    """Indices of at most ``limit`` films, class proportions kept, seeded; in the original order."""
-    if limit is None or limit >= labels.size:
-        return np.arange(labels.size)
-    rng = np.random.default_rng(seed)
-    keep: list[np.ndarray] = []
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = np.floor(counts / labels.size * limit).astype(int)
-    for i in np.argsort(-(counts / labels.size * limit - quota))[: limit - quota.sum()]:
-        quota[i] += 1  # largest remainders first, so the quotas add up to the limit
-    for c, q in zip(classes, quota):
-        members = np.flatnonzero(labels == c)
-        keep.append(rng.permutation(members)[:q])
-    return np.sort(np.concatenate(keep))
 
 
 # ---------------------------------------------------------------- inference and figures
@@ -167,10 +147,6 @@ def shifted_probabilities(
     return probs, identical
 
 
-def _r(v: float | None, nd: int = 4) -> float | None:
-    return None if v is None or not math.isfinite(v) else round(float(v), nd)
-
-
 def figures(model: LoadedModel, probs: np.ndarray, labels: np.ndarray, prevalence: float | None) -> dict[str, Any]:
     """Metrics at the stored threshold, and re-weighted to the outside prevalence."""
     pos, thr = model.positive, float(model.threshold)
@@ -178,13 +154,13 @@ def figures(model: LoadedModel, probs: np.ndarray, labels: np.ndarray, prevalenc
     m = binary_metrics(p, labels, thr, pos)
     bal = None if m["sensitivity"] is None or m["specificity"] is None else (m["sensitivity"] + m["specificity"]) / 2
     out: dict[str, Any] = {
-        "sensitivity": _r(m["sensitivity"]),
-        "specificity": _r(m["specificity"]),
-        "accuracy": _r(m["accuracy"]),
-        "balanced_accuracy": _r(bal),
-        "auc": _r(m["roc_auc"]),
-        "ppv": _r(m["ppv"]),
-        "npv": _r(m["npv"]),
+        "sensitivity": rounded(m["sensitivity"]),
+        "specificity": rounded(m["specificity"]),
+        "accuracy": rounded(m["accuracy"]),
+        "balanced_accuracy": rounded(bal),
+        "auc": rounded(m["roc_auc"]),
+        "ppv": rounded(m["ppv"]),
+        "npv": rounded(m["npv"]),
         "reweighted": None,
     }
     if prevalence is not None:
@@ -195,10 +171,10 @@ def figures(model: LoadedModel, probs: np.ndarray, labels: np.ndarray, prevalenc
         rw = binary_metrics(p, labels, thr, pos, weights=w)
         out["reweighted"] = {
             "prevalence": prevalence,
-            "accuracy": _r(rw["accuracy"]),
-            "ppv": _r(rw["ppv"]),
-            "npv": _r(rw["npv"]),
-            "f1": _r(rw["f1"]),
+            "accuracy": rounded(rw["accuracy"]),
+            "ppv": rounded(rw["ppv"]),
+            "npv": rounded(rw["npv"]),
+            "f1": rounded(rw["f1"]),
         }
     return out
 
@@ -220,11 +196,11 @@ def consistency(model: LoadedModel, probs: np.ndarray, clean: np.ndarray) -> dic
             "flips_to_negative": 0,
         }
     return {
-        "median_abs_dp": _r(np.median(np.abs(dp))),
-        "p95_abs_dp": _r(np.percentile(np.abs(dp), 95)),
-        "max_abs_dp": _r(np.abs(dp).max()),
-        "mean_dp": _r(dp.mean()),
-        "flip_rate": _r(flips.mean()),
+        "median_abs_dp": rounded(np.median(np.abs(dp))),
+        "p95_abs_dp": rounded(np.percentile(np.abs(dp), 95)),
+        "max_abs_dp": rounded(np.abs(dp).max()),
+        "mean_dp": rounded(dp.mean()),
+        "flip_rate": rounded(flips.mean()),
         "flips_to_positive": int(to_pos.sum()),
         "flips_to_negative": int((flips & ~to_pos).sum()),
     }
@@ -318,7 +294,7 @@ def fullres_comparison(
                 "label": None if label is None else model.classes[label],
                 "has_copy": copy is not None,
                 "in_films": path.name in held_out,
-                "p": {n: _r(p.get(n)) for n in conditions},
+                "p": {n: rounded(p.get(n)) for n in conditions},
             }
         )
         for n in conditions:
@@ -335,13 +311,13 @@ def fullres_comparison(
                 None
                 if not both.any()
                 else {
-                    "median_abs_dp": _r(np.median(np.abs(d))),
-                    "max_abs_dp": _r(np.abs(d).max()),
-                    "mean_dp": _r(d.mean()),
-                    "flip_rate": _r(np.mean((v[both] >= thr) != (p[ref][both] >= thr))),
+                    "median_abs_dp": rounded(np.median(np.abs(d))),
+                    "max_abs_dp": rounded(np.abs(d).max()),
+                    "mean_dp": rounded(d.mean()),
+                    "flip_rate": rounded(np.mean((v[both] >= thr) != (p[ref][both] >= thr))),
                 }
             )
-        row["median_p"] = _r(np.nanmedian(v)) if np.isfinite(v).any() else None
+        row["median_p"] = rounded(np.nanmedian(v)) if np.isfinite(v).any() else None
         summary[n] = row
     return {
         "folder": str(folder),
@@ -513,7 +489,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not labelled:
         raise DataError(f"{source}: no films in class folders named {classes}")
     labels_all = np.array([y for _, y in labelled], dtype=int)
-    keep = stratified_limit(labels_all, args.limit, args.seed)
+    keep = stratified_indices(labels_all, args.limit, np.random.default_rng(args.seed))
     paths = [labelled[i][0] for i in keep]
     labels = labels_all[keep]
 
@@ -571,7 +547,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         have = [i for i, p in enumerate(ok_paths) if p in stored]
         if have:
             diff = np.abs(clean[have] - np.stack([stored[ok_paths[i]] for i in have])).max()
-            report["clean"]["max_abs_diff_vs_run_predictions"] = _r(float(diff), 6)
+            report["clean"]["max_abs_diff_vs_run_predictions"] = rounded(float(diff), 6)
 
     columns = {CLEAN: clean[:, pos]}
     timing = {"decode_s": round(decode_s, 2), "clean_s": round(clean_s, 2)}
@@ -626,14 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, shift in select_shifts(args.shifts).items():
             print(f"{name:20s} {shift.family:12s} {shift.description}")
         return 0
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # anything pneumo prints goes to stderr; stdout is JSON
-            report = run(args)
-    except PneumoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=2))
-    return 0
+    return run_report(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import resource
 import shutil
 import subprocess
@@ -32,31 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-DEFAULT_DATA = BENCH.parent.parent / "shared" / "data" / "chest_xray_224" / "train"
-
-
-def stratified_subset(root: Path, limit: int, seed: int, dest: Path) -> Path:
-    """A folder of class folders holding symlinks to ``limit`` images, class proportions kept, seeded."""
-    from pneumo.data.folders import discover
-
-    samples = [s for s in discover(root).samples if s.split != "test"]
-    if limit >= len(samples):
-        return root
-    by_class: dict[str, list[Path]] = {}
-    for s in samples:
-        by_class.setdefault(s.path.parent.name, []).append(s.path)
-    rng = random.Random(seed)
-    left, total = limit, len(samples)
-    for i, (name, paths) in enumerate(sorted(by_class.items())):
-        paths = sorted(paths)
-        rng.shuffle(paths)
-        take = left if i == len(by_class) - 1 else round(limit * len(paths) / total)
-        left -= take
-        (dest / name).mkdir(parents=True, exist_ok=True)
-        for p in paths[:take]:
-            (dest / name / p.name).symlink_to(p.resolve())
-    return dest
+from common import BENCH, DEFAULT_DATA, cpu_seconds, stratified_subset
 
 
 def peak_memory_mb(device: str) -> float:
@@ -65,12 +40,6 @@ def peak_memory_mb(device: str) -> float:
 
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children: less load-sensitive than wall time."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run_pneumo(

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from common import write_report
 from pneumo.data.folders import KERMANY_TEST_PREVALENCE
 from pneumo.evaluation.metrics import choose_threshold
 
@@ -121,11 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     result["models"] = list(models)
     result["films"] = {m: int(v[0].size) for m, v in models.items()}
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    write_report(result, args.out)
     return 0
 
 

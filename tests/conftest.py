@@ -7,7 +7,10 @@ names follow the Kermany/Kaggle pattern, so patient rules see what they see on t
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import socket
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +25,25 @@ SAMPLE_ROOT = REPO / "src" / "pneumo" / "sample_data" / "chest_xray"
 SHARED_DATA = Path(os.environ.get("PNEUMO_SHARED_DATA", REPO.parent / "shared" / "data"))
 if not SHARED_DATA.exists():  # a clone elsewhere on the development machine
     SHARED_DATA = Path("/work/shared/data")
+BENCH = REPO / "bench"
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now, for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_bench(name: str):
+    """A bench/ script as a module (``bench/NAME.py``), importable as ``python bench/NAME.py`` runs it:
+    with bench/ on ``sys.path``, where its shared ``common`` module lies."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True, scope="session")

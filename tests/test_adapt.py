@@ -4,7 +4,6 @@ without labels, recorded in model.json without a file name; evaluate --adapt; be
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import shutil
@@ -17,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SAMPLE_ROOT, one_torch_thread
+from conftest import SAMPLE_ROOT, load_bench, one_torch_thread
 from pneumo.cli import main
 from pneumo.data.cache import decode_images
 from pneumo.errors import ModelError, PneumoError
@@ -38,7 +37,6 @@ from pneumo.model_meta import read_model_meta
 from pneumo.nets.batchnorm import BN_ADAPT_BATCH_SIZE
 
 SITE = SAMPLE_ROOT / "test"  # 30 + 30 films the tiny model never trained on
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "adapt.py"
 
 
 @pytest.fixture(autouse=True)
@@ -308,9 +306,7 @@ def test_model_json_without_adaptation_still_loads_and_a_bad_one_is_refused(trai
 
 
 def test_bench_adapt_runs_on_a_small_run(trained_run, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_adapt", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("adapt")
     out = tmp_path / "adapt.json"
     args = ["--shifts", "clean,gamma_1.6+jpeg_50", "--sizes", "8,all", "--repeats", "2", "--prevalence", "native,0.625"]
     assert bench.main([str(trained_run), "--out", str(out), "--no-progress", *args]) == 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from conftest import one_torch_thread
+from conftest import free_port, one_torch_thread
 from pneumo.audit.db import create_audit_engine, current_revision, database_url, head_revision, open_database, upgrade
 from pneumo.audit.record import AuditTrail
 from pneumo.audit.schema import Base
@@ -101,12 +100,6 @@ def test_bad_database_arguments_are_named(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- a real PostgreSQL server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,17 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import one_torch_thread
+from conftest import free_port, one_torch_thread
 from test_audit_record import jpeg_bytes, make_model_folder
 
 CLIENTS = 4
 KILL_AFTER = 24  # answered readings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(300)

@@ -89,7 +89,9 @@ def test_predict_cli_formats_and_bad_files(model_dir, tmp_path, capsys):
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(table) == 30 and list(table[0])[:6] == PREDICTION_COLUMNS
     assert main(["predict", str(model_dir), str(good[0])]) == 0
-    assert capsys.readouterr().out == f"{good[0]}: {rows[0]['label']} ({rows[0]['reading']})\n"
+    assert rows[0]["scope_reason"].startswith("distance check not trusted")  # 40 validation films: said once
+    said = f"{good[0]}: {rows[0]['label']} ({rows[0]['reading']})\nscope: {rows[0]['scope_reason']}\n"
+    assert capsys.readouterr().out == said
     loaded = load_model(model_dir)
     by_path, by_array = loaded.predict(good[0]), loaded.predict(np.asarray(Image.open(good[0]).convert("L")))
     by_pil = loaded.predict(Image.open(good[0]))

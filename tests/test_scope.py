@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import SAMPLE_ROOT, SHARED_DATA, one_torch_thread
+from conftest import SAMPLE_ROOT, SHARED_DATA, load_bench, one_torch_thread
+from pneumo.infer import scope as scope_module
 from pneumo.infer.model_folder import load_model
 from pneumo.infer.predict import predict_files, write_predictions
 from pneumo.infer.scope import (
@@ -35,6 +36,13 @@ SHARED_DICOM = SHARED_DATA / "dicom"
 def _one_thread():
     with one_torch_thread():
         yield
+
+
+@pytest.fixture
+def trust_distance(monkeypatch):
+    """The test model was validated on 40 films, too few for the distance check: trust it anyway, to
+    test the check itself (training.finish writes statistics from 8 films on)."""
+    monkeypatch.setattr(scope_module, "MIN_DISTANCE_FILMS", 8)
 
 
 @pytest.mark.parametrize(
@@ -70,7 +78,7 @@ def test_feature_distance_flags_films_off_the_validation_subspace():
     assert np.all(scope.distances(other) > scope.threshold)
 
 
-def test_training_writes_scope_stats_and_predict_reports_scope(trained_run, tmp_path):
+def test_training_writes_scope_stats_and_predict_reports_scope(trained_run, tmp_path, trust_distance):
     stats = read_feature_scope(trained_run / "model")
     assert stats is not None and stats.threshold > 0 and stats.components.shape[1] == stats.mean.shape[0]
     chest = write_dicom(tmp_path / "chest.dcm")
@@ -93,7 +101,7 @@ def test_training_writes_scope_stats_and_predict_reports_scope(trained_run, tmp_
     assert "knee.dcm: OUT OF SCOPE (DICOM BodyPartExamined is KNEE" in out.getvalue()
 
 
-def test_predicting_and_checking_scope_take_one_pass_through_the_body(trained_run):
+def test_predicting_and_checking_scope_take_one_pass_through_the_body(trained_run, trust_distance):
     """The scope check measures the features the prediction computed on the way: one pass through the
     body per batch (it was two), with the probabilities and verdicts of two separate passes."""
     from pneumo.data.imaging import prepare
@@ -135,7 +143,7 @@ def test_ensemble_threshold_from_member_distances(trained_run, tmp_path):
     assert write_ensemble_scope(members, tmp_path / "x") is None
 
 
-def test_serve_says_out_of_scope_for_a_dicom_upload(trained_run, tmp_path):
+def test_serve_says_out_of_scope_for_a_dicom_upload(trained_run, tmp_path, trust_distance):
     from pneumo.serve.app import create_app
 
     client = TestClient(create_app(trained_run / "model"))
@@ -144,10 +152,44 @@ def test_serve_says_out_of_scope_for_a_dicom_upload(trained_run, tmp_path):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["in_scope"] is False and body["label"] is None and "KNEE" in body["warning"]
+    assert body["reading"] is None and body["p_positive"] == body["probabilities"]["PNEUMONIA"]  # kept, undecided
     chest = write_dicom(tmp_path / "chest.dcm").read_bytes()
     r = client.post("/api/predict?heatmap=false", files={"file": ("c.dcm", chest, "application/octet-stream")})
     assert r.status_code == 200 and "in_scope" in r.json() and r.json()["image"]["mode"] == "L"
-    assert "distance" in client.get("/api/model").json()["scope_check"]
+    assert (
+        client.get("/api/model").json()["scope_check"] == "DICOM tags and distance from the validation films' features"
+    )
+
+
+def test_a_model_validated_on_few_films_is_checked_by_tags_only_and_says_why(trained_run, tmp_path):
+    """The demo model (40 validation films) called a NORMAL test film of the sample out of scope: its
+    99.5th percentile is about the largest of 40 distances. Below MIN_DISTANCE_FILMS the distance
+    check is not trusted, DICOM tags decide, and every verdict (predict's rows, serve's answers and
+    /api/model) says so."""
+    from pneumo.serve.app import create_app
+
+    loaded = load_model(trained_run / "model")
+    n, least = len(read_feature_scope(trained_run / "model").valid_distances), scope_module.MIN_DISTANCE_FILMS
+    assert n < least
+    why = f"distance check not trusted: the model was validated on {n} films, fewer than {least}"
+    check = ScopeCheck(loaded)
+    assert not check.by_features and check.method == f"DICOM tags only ({why})"
+    films = sorted((SAMPLE_ROOT / "test").rglob("*.jpeg"))
+    knee = write_dicom(tmp_path / "knee.dcm", body_part="KNEE")
+    rows = predict_files(loaded, [*films, knee], progress=False)
+    assert all(r["in_scope"] for r in rows[:-1])  # every in-distribution film keeps its label
+    assert all(r["scope_reason"] == why and r["scope_distance"] is None and r["label"] for r in rows[:-1])
+    assert rows[-1]["in_scope"] is False and rows[-1]["scope_reason"].startswith("DICOM BodyPartExamined is KNEE")
+    assert rows[-1]["scope_reason"].endswith(why)
+    table = io.StringIO()
+    write_predictions(rows, "table", table)
+    assert table.getvalue().count(why) == 2  # the knee's line, and once for the films read by tags alone
+    assert table.getvalue().endswith(f"scope: {why}\n")
+    client = TestClient(create_app(trained_run / "model"))
+    r = client.post("/api/predict?heatmap=false", files={"file": (films[0].name, films[0].read_bytes(), "image/jpeg")})
+    assert r.status_code == 200 and r.json()["in_scope"] is True and r.json()["scope_reason"] == why
+    assert r.json()["scope_distance"] is None and r.json()["label"]
+    assert why in client.get("/api/model").json()["scope_check"]
 
 
 @pytest.mark.skipif(not SHARED_DICOM.is_dir(), reason=f"shared DICOM films not found at {SHARED_DICOM}")
@@ -164,3 +206,32 @@ def test_the_shared_dental_and_tibia_films_are_out_of_scope_by_their_tags(tmp_pa
         path = Path(shutil.copy(SHARED_DICOM / name, tmp_path / name))
         reasons = dicom_reasons(path)
         assert (expected in " ".join(reasons)) if expected else reasons == [], (name, reasons)
+
+
+def test_min_distance_films_is_the_number_the_benchmark_measured():
+    """MIN_DISTANCE_FILMS comes from bench/results/scope_valid_films.json, which reproduced the issue."""
+    result = json.loads((SAMPLE_ROOT.parents[3] / "bench" / "results" / "scope_valid_films.json").read_text())
+    assert result["summary"]["trusted_from"] == scope_module.MIN_DISTANCE_FILMS
+    own = result["model_own_scope"]  # the demo model: 40 validation films, a sample test film flagged
+    assert own["valid_films"] < scope_module.MIN_DISTANCE_FILMS and own["sample_test_flagged"] >= 1
+    rows = {r["valid_films"]: r for r in result["by_valid_films"]}
+    assert rows[8]["pool_false_rate_mean"] > 5 * rows[scope_module.MIN_DISTANCE_FILMS]["pool_false_rate_mean"]
+
+
+def test_the_benchmark_finds_where_false_out_of_scope_calls_settle():
+    """bench/scope_valid_films.py on synthetic features: few validation films, many false calls."""
+    bench = load_bench("scope_valid_films")
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(8, 64))
+    pool = rng.normal(size=(600, 8)) @ basis + 0.3 * rng.normal(size=(600, 64))
+    labels, patients = np.arange(600) % 2, np.arange(600)
+    test = rng.normal(size=(60, 8)) @ basis + 0.3 * rng.normal(size=(60, 64))
+    few, many = (bench.false_rates(pool, labels, patients, test, n, 10, 0) for n in (10, 200))
+    assert few["pool_false_rate_mean"] > 3 * many["pool_false_rate_mean"] and many["pool_false_rate_mean"] < 0.02
+    rows = [
+        {"valid_films": 8, "pool_false_rate_mean": 0.05, "pool_false_rate_p90": 0.1},
+        {"valid_films": 40, "pool_false_rate_mean": 0.008, "pool_false_rate_p90": 0.015},
+        {"valid_films": 80, "pool_false_rate_mean": 0.012, "pool_false_rate_p90": 0.015},  # not yet
+        {"valid_films": 120, "pool_false_rate_mean": 0.005, "pool_false_rate_p90": 0.01},
+    ]
+    assert bench.trusted_from(rows) == 120 and bench.trusted_from(rows[:3]) is None

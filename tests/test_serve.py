@@ -65,7 +65,7 @@ def post(client: TestClient, data: bytes, name: str = "x.jpeg", ctype: str = "im
 
 
 @pytest.mark.parametrize("fmt,ctype", [("JPEG", "image/jpeg"), ("PNG", "image/png")])
-def test_good_image_gives_label_probability_threshold_heatmap(
+def test_good_image_gives_label_p_positive_threshold_heatmap(
     client: TestClient, trained_run: Path, fmt: str, ctype: str
 ) -> None:
     data = xray_bytes(fmt)
@@ -75,7 +75,7 @@ def test_good_image_gives_label_probability_threshold_heatmap(
     model = load_model(trained_run / "model")
     probs = model.probabilities(np.array(prepare(data, 64))[None])
     assert body["label"] == model.classes[int(model.decide(probs)[0])]  # the stored threshold decides
-    assert body["probability"] == pytest.approx(float(probs[0, model.classes.index(body["label"])]), abs=1e-5)
+    assert body["p_positive"] == pytest.approx(float(probs[0, model.classes.index("PNEUMONIA")]), abs=1e-5)
     assert body["p_positive"] == body["probabilities"]["PNEUMONIA"] and body["reading"].startswith("p(PNEUMONIA) ")
     assert body["threshold"] == pytest.approx(model.meta.threshold)
     assert set(body["probabilities"]) == {"NORMAL", "PNEUMONIA"}
@@ -239,7 +239,40 @@ def test_every_answer_is_one_the_schema_declares(client: TestClient) -> None:
     body = openapi["components"]["schemas"]["Body_predict_api_predict_post"]["properties"]["file"]
     assert body["minLength"] == 1  # an empty upload is outside the contract, as the server says
     encoding = openapi["paths"]["/api/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["encoding"]
-    assert encoding["file"]["contentType"] == "image/jpeg, image/png"
+    assert encoding["file"]["contentType"] == "image/jpeg, image/png, application/dicom"
+
+
+def test_no_field_of_the_schema_or_an_answer_means_p_label(client: TestClient) -> None:
+    """One meaning of probability: p(positive class). The old "probability" field gave p(label), so
+    beside "label": "NORMAL" a 0.70 read as 70 % pneumonia. Neither the schema nor a real answer for
+    a film labelled NORMAL may carry p(NORMAL) anywhere but under its class's name in probabilities."""
+    openapi = client.get("/openapi.json").json()
+    declared = openapi["components"]["schemas"]["Reading"]["properties"]
+    probability_fields = {name for name in declared if "prob" in name or name.startswith("p_")}
+    assert probability_fields == {"probabilities", "p_positive"}, probability_fields
+    assert "p(positive_class)" in declared["p_positive"]["description"]
+    assert "every class" in declared["probabilities"]["description"]
+    films = sorted(SAMPLE.glob("test/*/*.jpeg"))
+    normal = None
+    for film in films:  # the first film the model labels NORMAL: there p(label) differs from p_positive
+        body = post(client, film.read_bytes(), film.name, heatmap="false").json()
+        if body["label"] == "NORMAL":
+            normal = body
+            break
+    assert normal is not None, "the test model labels no sample film NORMAL"
+    assert "probability" not in normal and normal["p_positive"] == normal["probabilities"]["PNEUMONIA"]
+    p_label = normal["probabilities"]["NORMAL"]
+    assert abs(p_label - normal["p_positive"]) > 1e-6  # else this test could not tell the two apart
+    top_level_numbers = {k: v for k, v in normal.items() if isinstance(v, float)}
+    assert not [k for k, v in top_level_numbers.items() if abs(v - p_label) < 1e-9], top_level_numbers
+
+
+def test_the_page_asks_for_dicom_too(client: TestClient) -> None:
+    """The server reads DICOM: the page says so, and its file chooser offers DICOM files."""
+    page = client.get("/").text
+    assert "Drop a JPEG, PNG or DICOM chest X-ray here" in page and "JPEG or PNG here" not in page
+    accept = page.split('accept="', 1)[1].split('"', 1)[0].split(",")
+    assert {".dcm", "application/dicom", ".jpeg", ".png"} <= set(accept)
 
 
 def test_page_says_it_needs_javascript_instead_of_loading_forever(client: TestClient) -> None:

@@ -6,7 +6,6 @@ installs both; ``playwright install`` is never used, it downloads browsers from 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-from conftest import one_torch_thread  # noqa: E402
+from conftest import free_port, one_torch_thread  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "pneumo" / "sample_data" / "chest_xray"
 
@@ -39,12 +38,6 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is miss
 def _single_thread() -> Iterator[None]:
     with one_torch_thread():
         yield
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +82,7 @@ def test_page_reads_an_uploaded_xray(server: str, tmp_path: Path) -> None:
             page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
             page.goto(server + "/")
             sync_api.expect(page.locator("#model-info")).to_contain_text("efficientnet_lite0")
+            sync_api.expect(page.locator("#drop")).to_contain_text("Drop a JPEG, PNG or DICOM chest X-ray here")
             page.set_input_files("#file", str(image))
             page.wait_for_selector("#result:not([hidden])", timeout=60_000)
             label = page.inner_text("#label")

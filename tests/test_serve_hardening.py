@@ -30,6 +30,7 @@ from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import free_port
 from pneumo.cli import build_parser
 from pneumo.serve.limits import PIXEL_BUDGET, SERVE_MAX_PIXELS, PixelBudget
 from pneumo.serve.server import ConnectionLimits, RepeatedRecordFilter
@@ -37,12 +38,6 @@ from pneumo.serve.server import ConnectionLimits, RepeatedRecordFilter
 DESCRIPTORS = 256  # the limit: 300 idle sockets used to exhaust it
 HEADER_TIMEOUT, BODY_TIMEOUT = 1.0, 2.0
 SLACK = 4.0  # seconds a busy 2-core machine may add; before the fix /health never answered at all
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def limit_descriptors() -> None:  # runs in the server's process, before exec

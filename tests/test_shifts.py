@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import one_torch_thread
+from conftest import load_bench, one_torch_thread
 from pneumo.data.imaging import prepare
 from pneumo.data.shifts import (
     ACQUISITION,
@@ -34,7 +33,6 @@ from pneumo.errors import PneumoError
 from pneumo.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "bench" / "shift.py"
 
 
 def film(w: int = 48, h: int = 40, seed: int = 0, mode: str = "L") -> Image.Image:
@@ -201,13 +199,6 @@ def test_resampling_filters_differ_on_a_larger_film():
 # ---------------------------------------------------------------- bench/shift.py
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_shift", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def in_unit(report_section: dict) -> None:
     for key, value in report_section.items():
         if isinstance(value, dict):
@@ -216,19 +207,8 @@ def in_unit(report_section: dict) -> None:
             assert 0.0 <= value <= 1.0, (key, value)
 
 
-def test_stratified_limit_keeps_proportions_and_is_seeded():
-    bench = load_bench()
-    labels = np.array([0] * 30 + [1] * 90)
-    keep = bench.stratified_limit(labels, 40, seed=1)
-    assert len(keep) == 40 and (labels[keep] == 0).sum() == 10 and np.all(np.diff(keep) > 0)
-    assert np.array_equal(keep, bench.stratified_limit(labels, 40, seed=1))
-    assert not np.array_equal(keep, bench.stratified_limit(labels, 40, seed=2))
-    assert len(bench.stratified_limit(labels, 7, seed=0)) == 7
-    assert np.array_equal(bench.stratified_limit(labels, None, seed=0), np.arange(120))
-
-
 def test_bench_runs_end_to_end_on_a_small_model(trained_run, tmp_path, capsys, make_tree):
-    bench = load_bench()
+    bench = load_bench("shift")
     # two larger "originals" of validation films: their copies are found by file name
     valid = RunFolder(trained_run).read_split().valid
     originals = tmp_path / "fullres"
@@ -298,7 +278,7 @@ def test_bench_runs_end_to_end_on_a_small_model(trained_run, tmp_path, capsys, m
 
 
 def test_bench_reads_films_from_a_folder_or_an_ensemble_folder(trained_run, tmp_path, capsys, make_tree):
-    bench = load_bench()
+    bench = load_bench("shift")
     films = make_tree(
         tmp_path / "films",
         {

@@ -163,6 +163,9 @@ def write_predictions(rows: list[dict], fmt: str, stream: IO[str]) -> None:
             stream.write(f"{r['path']}: OUT OF SCOPE ({r['scope_reason']})\n")
         else:
             stream.write(f"{r['path']}: {r['label']} ({r['reading']})\n")
+    # what the scope check could not use (an untrusted distance check), said once, not on every line
+    for note in dict.fromkeys(r["scope_reason"] for r in rows if r.get("in_scope") and r.get("scope_reason")):
+        stream.write(f"scope: {note}\n")
 
 
 def evaluate_model_on_folder(

@@ -12,7 +12,9 @@ Two checks, and a film failing either gets ``in_scope: false`` with the reason i
    percentile of validation films' distances (each measured with the subspace fitted on the other
    half, so the percentile is held-out) is out of scope. Measured on the shared films
    (README): photos and the dental and tibia films are flagged, full-resolution Kermany films are
-   not; what it misses is said there too.
+   not; what it misses is said there too. A model validated on fewer than ``MIN_DISTANCE_FILMS``
+   films is not checked by distance (its percentile is about the largest of a handful of distances,
+   and films like its own fall above it): tags decide, and every verdict says why.
 
 An ensemble combines its members' distances as the mean of each member's distance over its own
 threshold, with a threshold chosen the same way on the members' held-out validation distances.
@@ -40,6 +42,14 @@ SCOPE_FILE = "scope.safetensors"  # a trained model's subspace and threshold
 ENSEMBLE_SCOPE_FILE = "scope.json"  # an ensemble's threshold over its members' distance ratios
 COMPONENTS = 32
 PERCENTILE = 99.5
+# Fewer validation films than this and the distance check is not trusted: DICOM tags decide, as the
+# threshold rules fall back below evaluation.metrics.MIN_THRESHOLD_FILMS_PER_CLASS. Measured by
+# bench/scope_valid_films.py (bench/results/scope_valid_films.json; the demo model's features, 1,400
+# in-distribution films, 40 draws per size): a scope fitted on N films calls this share of other
+# in-distribution films out of scope (mean over draws, nominal 0.5 %): 6.4 % at 8, 1.9 % at 40 (the
+# demo), 1.2 % at 60, 0.7 % at 80, 0.5 % from 120 on. 80 is the smallest N from which on the mean
+# stays under 1 % and nine draws in ten under 2 %.
+MIN_DISTANCE_FILMS = 80
 RADIOGRAPH_MODALITIES = {"CR", "DX", "DR", "RG"}
 CHEST_WORDS = ("CHEST", "THORAX", "LUNG", "TORAX", "THORAX", "CXR", "PULMO")
 FRONTAL_VIEWS = {"PA", "AP", "APS", "APE"}  # plus empty: many exports leave it out
@@ -211,12 +221,22 @@ class ScopeCheck:
                 self.threshold = float(json.loads(path.read_text())["threshold"]) if path else float("nan")
             except (OSError, ValueError, KeyError, TypeError):
                 self.threshold = float("nan")
-        self.by_features = all(s is not None for s in self.scopes) and np.isfinite(self.threshold)
+        measured = all(s is not None for s in self.scopes) and bool(np.isfinite(self.threshold))
+        self.valid_films = min(len(s.valid_distances) for s in self.scopes) if measured else 0
+        self.not_trusted = (
+            f"distance check not trusted: the model was validated on {self.valid_films} films, "
+            f"fewer than {MIN_DISTANCE_FILMS}"
+            if measured and self.valid_films < MIN_DISTANCE_FILMS
+            else ""
+        )
+        self.by_features = measured and not self.not_trusted
 
     @property
     def method(self) -> str:
         if self.by_features:
             return "DICOM tags and distance from the validation films' features"
+        if self.not_trusted:
+            return f"DICOM tags only ({self.not_trusted})"
         if not self.torch_runtime:
             return "DICOM tags only (the onnx runtime holds no body features to measure a distance with)"
         return "DICOM tags only (this model folder has no scope statistics: trained before pneumo wrote them)"
@@ -247,7 +267,9 @@ class ScopeCheck:
         sources: Sequence[Path | bytes | None],
         features: Sequence[np.ndarray] | None = None,
     ) -> list[dict]:
-        """``{"in_scope", "scope_reason", "scope_distance"}`` per film (pixels prepared at the model's size)."""
+        """``{"in_scope", "scope_reason", "scope_distance"}`` per film (pixels prepared at the model's size).
+        ``scope_reason``: why a film is out of scope, and whatever the check could not use (an
+        untrusted distance check says so on every film)."""
         ratios = self.ratios(pixels, features)
         out = []
         for i, source in enumerate(sources):
@@ -258,5 +280,6 @@ class ScopeCheck:
                     f"far from the training films (feature distance {ratio:.2f}x the 99.5th percentile "
                     f"of validation films)"
                 )
-            out.append({"in_scope": not reasons, "scope_reason": "; ".join(reasons), "scope_distance": ratio})
+            notes = [self.not_trusted] if self.not_trusted else []
+            out.append({"in_scope": not reasons, "scope_reason": "; ".join(reasons + notes), "scope_distance": ratio})
         return out

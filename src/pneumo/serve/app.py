@@ -3,7 +3,7 @@
 Uploads are untrusted. Every bad input gets a 4xx naming the problem, never a 500, and every
 answer is one the OpenAPI schema declares (``schemas``): a body larger than the cap is cut off
 while it arrives (413) or that arrives too slowly is cut off too (408), anything that is not a
-JPEG or PNG by its first bytes is refused (415), an image whose header claims too many pixels
+JPEG, PNG or DICOM file by its first bytes is refused (415), an image whose header claims too many pixels
 (413) or that is corrupt or truncated (422) never reaches the model. Decoding and inference run
 in a small thread pool, within a budget of decoded pixels; when the queue or the budget is full,
 new requests get a quick 503 instead of piling up in memory (``limits``). The server around the
@@ -125,8 +125,7 @@ def read_xray(
     predicted = int(model.decide(probs[None])[0])
     result: dict[str, Any] = {
         "filename": name,
-        "label": model.classes[predicted],
-        "probability": float(probs[predicted]),  # p(label); p_positive is the one the threshold is compared with
+        "label": model.classes[predicted],  # no p(label) beside it: p_positive is the one probability
         "probabilities": {c: float(p) for c, p in zip(model.classes, probs)},
         "threshold": model.threshold,
         "positive_class": model.meta.positive_class,
@@ -139,7 +138,7 @@ def read_xray(
     result.update(verdicts[0])  # infer.scope: an out-of-scope film gets the reason, not a label
     if not result["in_scope"]:
         warning = f"out of scope, no label given: {result['scope_reason']}"
-        result.update(label=None, probability=None, warning=warning)
+        result.update(label=None, reading=None, warning=warning)  # as predict: probabilities kept, no decision
         log.warning("an upload was out of scope: %s", result["scope_reason"])  # no file name: it may identify
     if heatmap and getattr(model, "runtime", "torch") == "onnx":
         result["heatmap_unavailable"] = "Grad-CAM needs the network: serve with --runtime torch"
@@ -345,8 +344,9 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        description="Read a chest X-ray: label, probability, the decision threshold and a Grad-CAM "
-        'heatmap. A research tool, not a medical device. Every error answers {"detail": "..."}.',
+        description="Read a chest X-ray (JPEG, PNG or DICOM): label, p(positive class) against the decision "
+        "threshold and a Grad-CAM heatmap. A research tool, not a medical device. Every error answers "
+        '{"detail": "..."}.',
     )
     app.state.model, app.state.pool, app.state.budget = model, pool, budget
     app.add_middleware(BodyLimit, limit=max_bytes + ENVELOPE_BYTES)
@@ -405,7 +405,7 @@ def create_app(
 
     @app.post(
         "/api/predict",
-        summary="label, probability, threshold and Grad-CAM heatmap for one image",
+        summary="label, p(positive class), threshold and Grad-CAM heatmap for one image",
         response_model=Reading,
         responses={**UPLOAD_ERRORS, **auth},
         openapi_extra=UPLOAD_OPENAPI,
@@ -413,7 +413,8 @@ def create_app(
     async def predict(
         file: UploadFile = File(
             ...,
-            description=f"a JPEG or PNG chest X-ray, not empty, at most {max_upload_mb:g} MB and {max_pixels:,} pixels",
+            description=f"a JPEG, PNG or DICOM chest X-ray, not empty, at most {max_upload_mb:g} MB and "
+            f"{max_pixels:,} pixels",
             json_schema_extra={"minLength": 1},
         ),
         heatmap: bool = Query(True, description="include a Grad-CAM overlay as base64 PNG"),
@@ -421,7 +422,8 @@ def create_app(
         name = file.filename or "upload"
         declared = (file.content_type or "").split(";")[0].strip().lower()
         if declared not in ACCEPTED_TYPES and not declared.startswith("image/"):
-            raise HTTPException(415, f"{name}: content type {declared!r} is not an image; send a JPEG or PNG")
+            detail = f"{name}: content type {declared!r} is not an image; send a JPEG, PNG or DICOM file"
+            raise HTTPException(415, detail)
         data = await file.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise HTTPException(413, f"{name}: upload too large: the limit is {max_upload_mb:.1f} MB")

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ACCEPTED_MEDIA = ("image/jpeg", "image/png")
+ACCEPTED_MEDIA = ("image/jpeg", "image/png", "application/dicom")
 
 
 class ErrorBody(BaseModel):
@@ -25,22 +25,36 @@ class ImageInfo(BaseModel):
 
 
 class Reading(BaseModel):
-    """One X-ray read by the model."""
+    """One X-ray read by the model.
+
+    One meaning of probability, as everywhere in pneumo: ``p_positive`` is p(positive_class), the
+    one the threshold is compared with. No field gives p(label): beside ``"label": "NORMAL"`` it read
+    as the chance of pneumonia. ``probabilities`` gives every class's, each under its class's name.
+    """
 
     model_config = ConfigDict(extra="allow")
 
     filename: str
     label: str | None = Field(description="the decided class; null when the film is out of scope (in_scope false)")
-    probability: float | None = Field(
-        ge=0, le=1, description="the model's probability of that class; null when out of scope"
+    probabilities: dict[str, float] = Field(
+        description="p(class) for every class, keyed by class name (calibrated; they add up to 1)"
     )
-    probabilities: dict[str, float]
     threshold: float | None = Field(description="on p(positive_class); null when the highest probability wins")
     positive_class: str | None
     p_positive: float | None = Field(
-        None, description="p(positive_class): the probability the threshold is compared with"
+        None,
+        ge=0,
+        le=1,
+        description="p(positive_class), whatever the label: the probability the threshold is compared with",
     )
     reading: str | None = Field(None, description="the decision in words: p(positive) against the threshold")
+    in_scope: bool | None = Field(None, description="false: the film is not what the model was made for, no label")
+    scope_reason: str | None = Field(
+        None, description="why the film is out of scope, or what the check could not use (empty: nothing to say)"
+    )
+    scope_distance: float | None = Field(
+        None, description="feature distance over its out-of-scope threshold (>1: out); null when not measured"
+    )
     image: ImageInfo
     heatmap_png_base64: str | None = Field(description="Grad-CAM over the image, a base64 PNG; null if not asked")
     heatmap_class: str | None
@@ -97,14 +111,14 @@ UPLOAD_ERRORS = errors(
         400: "the multipart body cannot be parsed",
         408: "the body did not arrive within the server's body timeout",
         413: "the upload is larger than the byte limit, or its header claims more pixels than the pixel limit",
-        415: "not a JPEG or PNG (by content type or by its first bytes)",
+        415: "not a JPEG, PNG or DICOM file (by content type or by its first bytes)",
         422: "no file, an empty file, a bad query parameter, or an image that cannot be decoded",
         503: "the server is busy (inference queue or pixel budget full) or the audit trail cannot record "
         "the reading; retry after Retry-After seconds",
     }
 )
 AUTH_ERRORS = errors({401: "this server needs 'Authorization: Bearer TOKEN' (it was started with a token)"})
-# The upload's part: non-empty, and a JPEG or PNG (the first bytes decide; the content type may be generic).
+# The upload's part: non-empty, and a JPEG, PNG or DICOM file (the first bytes decide; the content type may be generic).
 UPLOAD_OPENAPI: dict[str, Any] = {
     "requestBody": {
         "content": {"multipart/form-data": {"encoding": {"file": {"contentType": ", ".join(ACCEPTED_MEDIA)}}}}
