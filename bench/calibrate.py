@@ -70,6 +70,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     adapted = adapt_loaded(model, pixels[ev], threshold_rule="auto", allow_few=True, progress=False).model
     result["adapted_on_evaluation_films"] = scores(adapted, pixels[ev], labels[ev])
+    # pneumo adapt without labels on N films of the site (the calibration half, labels unused), read on the
+    # evaluation half: how many films the unlabelled adaptation needs, per method
+    for method in [m for m in args.adapt_methods.split(",") if m]:
+        per_size = {}
+        for size in [int(s) for s in args.adapt_sizes.split(",") if s]:
+            rows = []
+            for d in range(args.draws):
+                pick = np.random.default_rng(1000 * args.seed + d).choice(np.flatnonzero(cal), size, replace=False)
+                done = adapt_loaded(model, pixels[np.sort(pick)], allow_few=True, progress=False, method=method)
+                rows.append(scores(done.model, pixels[ev], labels[ev]))
+                print(json.dumps({"adapt": method, "films": size, "draw": d, **rows[-1]}), flush=True)
+            per_size[str(size)] = {"summary": summarise(rows), "draws": rows}
+        result[f"adapted_{method}_by_films"] = per_size
     sizes = [None if s == "all" else int(s) for s in args.sizes.split(",")]
     for fit in args.fits.split(","):
         per_size: dict[str, Any] = {}
@@ -106,6 +119,12 @@ def markdown(result: dict[str, Any]) -> str:
         row("plain", result["plain"]),
         row("adapted, no labels (on the evaluation films)", result["adapted_on_evaluation_films"]),
     ]
+    for key in [k for k in result if k.endswith("_by_films")]:
+        for size, block in result[key].items():
+            s = block["summary"]
+            mean = {k: s[k]["mean"] for k in KEYS}
+            name = key.removeprefix("adapted_").removesuffix("_by_films")
+            lines.append(row(f"adapted without labels ({name}) on {size} calibration-half films", mean))
     for key in [k for k in result if k.startswith("calibrated_")]:
         for size, block in result[key].items():
             s = block["summary"]
@@ -129,6 +148,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--draws", type=int, default=3, help="draws per size")
     p.add_argument("--fits", default="head,threshold", help="calibrate_loaded fit= values to measure")
     p.add_argument("--seed", type=int, default=0, help="seeds the halves and the draws")
+    p.add_argument("--adapt-sizes", default="8,16,32,64,128", help="unlabelled films drawn for pneumo adapt")
+    p.add_argument("--adapt-methods", default="batchnorm,self-training", help="pneumo adapt methods to measure")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     return p.parse_args(argv)
 
