@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from common import OUTSIDE_DEV
 from pneumo.evaluation.metrics import binary_metrics
 from pneumo.infer.adapt import adapt_loaded
 from pneumo.infer.calibrate import calibrate_loaded, labelled_films, patient_folds
 from pneumo.infer.model_folder import load_model
 
-OUTSIDE_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_224" / "outside_dev"
 KEYS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "roc_auc")
 
 

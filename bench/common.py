@@ -30,6 +30,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"  # beside the checkout
 if not SHARED_DATA.is_dir():  # a clone elsewhere on the development machine
     SHARED_DATA = Path("/work/shared/data")
 DEFAULT_DATA = SHARED_DATA / "chest_xray_224" / "train"
+OUTSIDE_DEV = SHARED_DATA / "chest_xray_224" / "outside_dev"  # issue 26: measure and choose here, never train
 
 
 # ---------------------------------------------------------------- subsets

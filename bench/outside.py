@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from common import OUTSIDE_DEV, rounded
 from pneumo.data.cache import decode_images
 from pneumo.data.folders import discover, subtype_of
 from pneumo.evaluation.metrics import binary_metrics, evaluate_predictions
@@ -38,7 +39,6 @@ from pneumo.infer.adapt import DEFAULT_METHOD, METHODS, evaluation_adapter
 from pneumo.infer.predict import probabilities_of, readable_pixels
 from pneumo.infer.runtime import open_model
 
-OUTSIDE_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_224" / "outside_dev"
 VARIANTS = ("jpeg95", "jpeg90", "jpeg50", "png", "up1024")
 
 
@@ -52,10 +52,6 @@ def family_of(name: str) -> str:
     return subtype_of(name) or "other"
 
 
-def _r(v: Any, nd: int = 4) -> Any:
-    return None if v is None else round(float(v), nd)
-
-
 def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
     """A 95% Wilson interval for k successes in n: per-family counts are small (35 and 83 films)."""
     if n == 0:
@@ -63,7 +59,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [_r(centre - half), _r(centre + half)]
+    return [rounded(centre - half), rounded(centre + half)]
 
 
 def read_set(model: Any, pixels: np.ndarray, ok: np.ndarray, tta: bool) -> np.ndarray:
@@ -81,7 +77,7 @@ def figures(model: Any, probs: np.ndarray, labels: np.ndarray, names: list[str],
         idx = np.array([family_of(n) == fam for n in names])
         right = int((decided[idx] == y[idx]).sum())
         key = "specificity" if (y[idx] != pos).all() else "sensitivity" if (y[idx] == pos).all() else "accuracy"
-        families[fam] = {"n": int(idx.sum()), key: _r(right / idx.sum()), "ci": wilson(right, int(idx.sum()))}
+        families[fam] = {"n": int(idx.sum()), key: rounded(right / idx.sum()), "ci": wilson(right, int(idx.sum()))}
     grid = np.unique(p_pos)
     accs = [binary_metrics(p_pos, y, float(t), pos)["accuracy"] for t in grid]
     best = int(np.argmax(accs))
@@ -90,12 +86,12 @@ def figures(model: Any, probs: np.ndarray, labels: np.ndarray, names: list[str],
     keep = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "roc_auc", "f1")
     return {
         "n": report["n"],
-        "threshold": _r(report["threshold"]),
-        "metrics": {k: _r(m.get(k)) for k in keep},
-        "ci": {k: [_r(v) for v in ci[k]] for k in keep if isinstance(ci.get(k), list | tuple)},
+        "threshold": rounded(report["threshold"]),
+        "metrics": {k: rounded(m.get(k)) for k in keep},
+        "ci": {k: [rounded(v) for v in ci[k]] for k in keep if isinstance(ci.get(k), list | tuple)},
         "confusion_matrix": report["confusion_matrix"],
         "families": families,
-        "outside_chosen_threshold_bound": {"threshold": _r(grid[best]), "accuracy": _r(accs[best])},
+        "outside_chosen_threshold_bound": {"threshold": rounded(grid[best]), "accuracy": rounded(accs[best])},
     }
 
 
@@ -133,11 +129,11 @@ def consistency(model: Any, paths: list[Path], ok: np.ndarray, clean: np.ndarray
             dp = probs[:, pos] - clean[:, pos]
             flips = model.decide(probs) != model.decide(clean)
             rows[variant] = {
-                "flip_rate": _r(flips.mean()),
+                "flip_rate": rounded(flips.mean()),
                 "flips": int(flips.sum()),
-                "median_abs_dp": _r(np.median(np.abs(dp))),
-                "p95_abs_dp": _r(np.percentile(np.abs(dp), 95)),
-                "accuracy": _r((model.decide(probs) == labels).mean()),
+                "median_abs_dp": rounded(np.median(np.abs(dp))),
+                "p95_abs_dp": rounded(np.percentile(np.abs(dp), 95)),
+                "accuracy": rounded((model.decide(probs) == labels).mean()),
             }
     return rows
 
