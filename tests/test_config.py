@@ -143,7 +143,7 @@ def test_at_least_one_epoch_in_total():
 def test_the_defaults_are_valid_and_validate_rechecks_a_changed_config():
     config = TrainConfig()
     assert config.validate() is config
-    assert (config.batch_size, config.unfreeze_epochs, config.threshold) == (64, 0, "youden")
+    assert (config.batch_size, config.unfreeze_epochs, config.threshold) == (64, 0, "sensitivity:0.95")
     config.batch_size = 1
     with pytest.raises(PneumoError, match="--batch-size"):
         config.validate()

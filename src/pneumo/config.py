@@ -18,7 +18,7 @@ from numbers import Integral, Real
 from typing import Any
 
 from pneumo.data.folders import PATIENT_RULES
-from pneumo.decision import THRESHOLD_METHODS, parse_threshold_method
+from pneumo.decision import DEFAULT_THRESHOLD_RULE, THRESHOLD_METHODS, parse_threshold_method
 from pneumo.errors import PneumoError
 from pneumo.nets.registry import BACKBONES
 
@@ -182,7 +182,12 @@ class TrainConfig:
     #  the default since issue 15: under shift it kept balanced accuracy 0.944 where standard fell to 0.873
     class_balance: str = option("weights", "loss weights inverse to class frequency, or none", choices=BALANCE)
     # --- decisions --------------------------------------------------------------------------------
-    threshold: str = option("youden", "how validation sets the decision threshold", check=_threshold, train_only=True)
+    threshold: str = option(
+        DEFAULT_THRESHOLD_RULE,
+        "how validation sets the decision threshold (youden | sensitivity:X | specificity:X | fixed:X)",
+        check=_threshold,
+        train_only=True,
+    )
     tta: bool = option(
         False,
         "test-time augmentation: validation averages each image's prediction with its left-right mirror's "

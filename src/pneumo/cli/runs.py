@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from pneumo.cli.common import Subcommands, add_command, emit_json, print_validation
+from pneumo.decision import DEFAULT_THRESHOLD_RULE
 
 
 def add_ensemble(sub: Subcommands) -> None:
@@ -19,7 +20,9 @@ def add_ensemble(sub: Subcommands) -> None:
     p.add_argument("runs", nargs="+", help="finished run folders (same data, split and seed)")
     p.add_argument("--out", required=True, help="folder for the ensemble (its model folder is OUT/model)")
     p.add_argument(
-        "--threshold", default="youden", help="rule for the threshold: youden | sensitivity:0.95 | fixed:0.5"
+        "--threshold",
+        default=DEFAULT_THRESHOLD_RULE,
+        help="rule for the threshold: youden | sensitivity:X | specificity:X | fixed:X",
     )
     p.add_argument("--json", action="store_true", help="print the ensemble's validation as JSON")
 

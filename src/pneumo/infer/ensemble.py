@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumo.data.folders import reference_prevalence, subtype_of
+from pneumo.decision import DEFAULT_THRESHOLD_RULE
 from pneumo.errors import PneumoError
 from pneumo.evaluation.metrics import (
     evaluate_predictions,
@@ -39,7 +40,7 @@ def read_member_predictions(run: RunFolder) -> ValidPredictions:
     return run.read_predictions()
 
 
-def make_ensemble(run_dirs: Sequence[str | Path], out: str | Path, threshold: str = "youden") -> dict:
+def make_ensemble(run_dirs: Sequence[str | Path], out: str | Path, threshold: str = DEFAULT_THRESHOLD_RULE) -> dict:
     """Write an ensemble of finished runs to ``out`` (``out/model`` is the model folder); returns
     its validation report (also written to ``out/valid_eval.json``)."""
     runs = [RunFolder(r) for r in run_dirs]
