@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(json.dumps({"adapt": method, "films": size, "draw": d, **rows[-1]}), flush=True)
             per_size[str(size)] = {"summary": summarise(rows), "draws": rows}
         result[f"adapted_{method}_by_films"] = per_size
-    sizes = [None if s == "all" else int(s) for s in args.sizes.split(",")]
-    for fit in args.fits.split(","):
+    sizes = [None if s == "all" else int(s) for s in args.sizes.split(",") if s]
+    for fit in [f for f in args.fits.split(",") if f]:
         per_size: dict[str, Any] = {}
         for size in sizes:
             rows = []
