@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from common import OUTSIDE_DEV
+from common import OUTSIDE_DEV, run_report
 from pneumo.evaluation.metrics import binary_metrics
 from pneumo.infer.adapt import adapt_loaded
 from pneumo.infer.calibrate import calibrate_loaded, labelled_films, patient_folds
@@ -156,14 +156,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        out.with_suffix(".md").write_text(markdown(result))
-    return 0
+    out = Path(args.out) if args.out else None
+    code = run_report(lambda: run(args), out.with_suffix(".json") if out else None)
+    if out and code == 0:
+        out.with_suffix(".md").write_text(markdown(json.loads(out.with_suffix(".json").read_text())))
+    return code
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from common import OUTSIDE_DEV, rounded
+from common import OUTSIDE_DEV, rounded, run_report
 from pneumo.data.cache import decode_images
 from pneumo.data.folders import discover, subtype_of
 from pneumo.evaluation.metrics import binary_metrics, evaluate_predictions
@@ -249,15 +249,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out) if args.out else None
+    code = run_report(lambda: run(args), out.with_suffix(".json") if out else None)
+    if out and code == 0:
         title = args.title or Path(args.model).resolve().parent.name
-        out.with_suffix(".md").write_text(markdown(result, title))
-    return 0
+        out.with_suffix(".md").write_text(markdown(json.loads(out.with_suffix(".json").read_text()), title))
+    return code
 
 
 if __name__ == "__main__":
