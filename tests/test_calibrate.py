@@ -74,7 +74,7 @@ def test_calibration_refits_the_last_layer_and_chooses_the_threshold_out_of_fold
     assert not skipped and np.bincount(labels).tolist() == [30, 30]
     model = load_model(trained_run)
     before = {k: v.clone() for k, v in model.net.state_dict().items()}
-    done = calibrate_loaded(model, pixels, labels, patients, progress=False)
+    done = calibrate_loaded(model, pixels, labels, patients, allow_few=True, progress=False)  # 30 a class
     after = done.model.net.state_dict()
     assert all(torch.equal(before[k], v) for k, v in model.net.state_dict().items())  # the given model untouched
     last = f"head.{len(model.net.head) - 1}.weight"
@@ -86,6 +86,7 @@ def test_calibration_refits_the_last_layer_and_chooses_the_threshold_out_of_fold
     rec = done.record
     assert rec["labels_used"] is True and rec["method"] == "labelled site calibration" and rec["fit"] == "head"
     assert rec["films_per_class"] == {"NORMAL": 30, "PNEUMONIA": 30} and rec["folds"] == 5
+    assert rec["few_films_allowed"] is True and rec["min_films_per_class"] == MIN_LABELLED_PER_CLASS
     assert done.model.threshold == pytest.approx(rec["threshold"]["after"])
     assert done.model.meta.adaptation == rec
     # the layer fitted on all films reads them at least as well as the out-of-fold layers did
@@ -99,7 +100,7 @@ def test_calibration_refits_the_last_layer_and_chooses_the_threshold_out_of_fold
 def test_threshold_only_moves_the_threshold_to_youden_on_the_site(trained_run, site):
     pixels, labels, patients, _ = site
     model = load_model(trained_run)
-    done = calibrate_loaded(model, pixels, labels, patients, fit="threshold", progress=False)
+    done = calibrate_loaded(model, pixels, labels, patients, fit="threshold", allow_few=True, progress=False)
     last = f"head.{len(model.net.head) - 1}.weight"
     assert torch.equal(done.model.net.state_dict()[last], model.net.state_dict()[last])
     assert done.model.meta.temperature == model.meta.temperature
@@ -129,7 +130,7 @@ def test_an_ensemble_is_calibrated_member_by_member_with_one_threshold(trained_r
     for run in runs:
         shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints"))
     make_ensemble(runs, tmp_path / "ens")
-    out, record, _ = calibrate_films(tmp_path / "ens", SITE, tmp_path / "cal", progress=False)
+    out, record, _ = calibrate_films(tmp_path / "ens", SITE, tmp_path / "cal", allow_few=True, progress=False)
     loaded = load_model(out)
     assert isinstance(loaded, EnsembleModel) and len(loaded.members) == 2
     assert loaded.threshold == pytest.approx(record["threshold"]["after"])
@@ -141,7 +142,10 @@ def test_pneumo_adapt_labelled_writes_a_calibrated_folder_whose_card_says_labels
     trained_run, tmp_path, capsys
 ):
     out = tmp_path / "calibrated"
-    assert main(["adapt", str(trained_run), str(SITE), "--labelled", "--out", str(out), "--json"]) == 0
+    argv = ["adapt", str(trained_run), str(SITE), "--labelled", "--out", str(out), "--json"]
+    assert main(argv) == 2  # 30 films a class: under the measured minimum
+    assert f"at least {MIN_LABELLED_PER_CLASS} films of each class" in capsys.readouterr().err
+    assert main([*argv, "--allow-few"]) == 0
     said = json.loads(capsys.readouterr().out)
     assert said["out"] == str(out) and said["adaptation"]["labels_used"] is True
     meta = json.loads((out / "model.json").read_text())
@@ -150,7 +154,12 @@ def test_pneumo_adapt_labelled_writes_a_calibrated_folder_whose_card_says_labels
     card = (out / "MODEL_CARD.md").read_text()
     assert "Calibrated on a site's labelled films" in card and "labels were used" in card
     assert str(SITE) not in card and str(SITE) not in json.dumps(meta)
-    assert main(["adapt", str(trained_run), str(SITE), "--labelled", "--fit", "threshold", "--out", str(out)]) == 2
+    assert (
+        main(
+            ["adapt", str(trained_run), str(SITE), "--labelled", "--allow-few", "--fit", "threshold", "--out", str(out)]
+        )
+        == 2
+    )
     assert "holds a model already" in capsys.readouterr().err
 
 
@@ -160,6 +169,6 @@ def test_adapt_options_that_do_not_go_together_are_refused(trained_run, tmp_path
     assert "--fit" in capsys.readouterr().err
     assert main(["adapt", str(trained_run), str(SITE), "--labelled", "--method", "tent", "--out", out]) == 2
     assert "--labelled chooses both" in capsys.readouterr().err
-    assert main(["adapt", str(trained_run), str(SITE), "--labelled", "--fit", "all", "--out", out]) == 2
+    assert main(["adapt", str(trained_run), str(SITE), "--labelled", "--allow-few", "--fit", "all", "--out", out]) == 2
     assert "--fit 'all'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
