@@ -112,7 +112,7 @@ def write_variant(src: Path, dest: Path, variant: str) -> None:
     dest.write_bytes(buf.getvalue())
 
 
-def consistency(model: Any, paths: list[Path], ok: np.ndarray, clean: np.ndarray, labels: np.ndarray, tta: bool):
+def consistency(model: Any, paths: list[Path], clean: np.ndarray, labels: np.ndarray, tta: bool):
     rows: dict[str, dict] = {}
     pos = model.positive
     with tempfile.TemporaryDirectory(prefix="pneumo-outside-") as tmp:
@@ -125,7 +125,7 @@ def consistency(model: Any, paths: list[Path], ok: np.ndarray, clean: np.ndarray
                 write_variant(p, dest, variant)
                 files.append(dest)
             dec = decode_images(files, model.meta.image_size, progress=False, use_cache=False)
-            probs = probabilities_of(model, dec.ok, readable_pixels(dec), tta)[ok]
+            probs = probabilities_of(model, dec.ok, readable_pixels(dec), tta)  # a row per film, as written
             dp = probs[:, pos] - clean[:, pos]
             flips = model.decide(probs) != model.decide(clean)
             rows[variant] = {
@@ -169,13 +169,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result[key]["method"] = record.get("method")
             result[key]["threshold_rule"] = (record.get("threshold") or {}).get("rule")
     if not args.no_consistency:
-        result["consistency"] = consistency(model, kept_paths(kept), ok[ok], probs, labels, args.tta)
+        result["consistency"] = consistency(model, [s.path for s in kept], probs, labels, args.tta)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
-
-
-def kept_paths(kept: list) -> list[Path]:
-    return [s.path for s in kept]
 
 
 def _pct(v: Any) -> str:

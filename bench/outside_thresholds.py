@@ -23,11 +23,9 @@ import numpy as np
 import pandas as pd
 
 from common import OUTSIDE_DEV, rounded, run_report
-from pneumo.data.cache import decode_images
-from pneumo.data.folders import discover
 from pneumo.evaluation.metrics import binary_metrics, choose_threshold
+from pneumo.infer.calibrate import labelled_films
 from pneumo.infer.model_folder import load_model
-from pneumo.infer.predict import probabilities_of, readable_pixels
 
 RULES = ("youden", "sensitivity:0.95", "sensitivity:0.97", "sensitivity:0.98", "sensitivity:0.99", "fixed:0.5")
 MIN_SENSITIVITY = 0.95
@@ -35,12 +33,9 @@ MARGIN = 0.01
 
 
 def outside_reading(model: Any, films: Path) -> tuple[np.ndarray, np.ndarray]:
-    data = discover(films)
-    samples = data.split(data.splits[0])
-    decoded = decode_images([s.path for s in samples], model.meta.image_size, progress=False, use_cache=False)
-    p = probabilities_of(model, decoded.ok, readable_pixels(decoded))[decoded.ok][:, model.positive]
-    labels = np.array([model.classes.index(data.classes[s.label]) for s, ok in zip(samples, decoded.ok) if ok])
-    return p, labels
+    """p(positive) and the class index of every readable outside film (``infer.calibrate.labelled_films``)."""
+    pixels, labels, _, _ = labelled_films(films, model.classes, model.meta.image_size, progress=False)
+    return model.probabilities(pixels)[:, model.positive], labels
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:

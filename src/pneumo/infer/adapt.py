@@ -72,7 +72,6 @@ THRESHOLD_RULES = ("auto", "keep", "prior")
 PREVALENCE_LIMITS = (0.01, 0.99)  # an EM estimate is clipped here, so a moved threshold stays finite
 METHODS = ("batchnorm", "tent", "self-training")
 DEFAULT_METHOD = "batchnorm"  # measured against the others on outside-dev: bench/README.md, "Adaptation methods"
-METHOD = DEFAULT_METHOD
 _BN = (
     "the body's BatchNorm statistics re-estimated on the site's unlabelled films (cumulative averages, "
     f"batches of {BN_ADAPT_BATCH_SIZE})"
@@ -84,7 +83,6 @@ DESCRIPTIONS = {
     "self-training": _BN + "; then the head's last linear layer refitted on the films it reads with confidence "
     "(pseudo-labels), pulled towards the trained layer",
 }
-DESCRIPTION = DESCRIPTIONS[DEFAULT_METHOD]
 MEMBER_FIELDS = (  # what an ensemble member's model.json repeats of the ensemble's record
     "method",
     "description",

@@ -21,8 +21,6 @@ How many labelled films are enough was measured on outside-dev (``bench/calibrat
 
 from __future__ import annotations
 
-import copy
-import hashlib
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,7 +33,7 @@ from pneumo.data.cache import decode_images
 from pneumo.data.folders import discover
 from pneumo.errors import DataError, PneumoError
 from pneumo.evaluation.metrics import binary_metrics, choose_threshold, fit_temperature, softmax
-from pneumo.infer.adapt import adapt_loaded, write_adapted
+from pneumo.infer.adapt import adapt_loaded, films_hash, write_adapted
 from pneumo.infer.model_card import write_model_card
 from pneumo.infer.model_folder import EnsembleModel, LoadedModel, load_model, model_folder
 from pneumo.infer.site_methods import fit_last_layer, hidden_activations
@@ -112,7 +110,7 @@ def calibrate_loaded(
     counts = {c: int((labels == i).sum()) for i, c in enumerate(model.classes)}
     check_enough(counts, allow_few, where)
     adapted = adapt_loaded(model, pixels, threshold_rule="keep", allow_few=True, where=where, progress=progress)
-    members = [LoadedModel(copy.deepcopy(m.net), copy.deepcopy(m.meta), m.device) for m in _members(adapted.model)]
+    members = _members(adapted.model)  # adapt_loaded's own copies: the given model stays untouched
     fold = patient_folds(labels, patients, FOLDS)
     oof_probs, temperatures = [], []
     for member in members:
@@ -154,7 +152,7 @@ def calibrate_loaded(
         "anchor": anchor if fit == "head" else None,
         "films": int(len(labels)),
         "films_per_class": counts,
-        "films_sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest(),
+        "films_sha256": films_hash(pixels),
         "folds": int(fold.max()) + 1,
         "min_films_per_class": MIN_LABELLED_PER_CLASS,
         "few_films_allowed": bool(allow_few and min(counts.values()) < MIN_LABELLED_PER_CLASS),
@@ -171,7 +169,7 @@ def calibrate_loaded(
         "pneumo_version": __version__,
     }
     meta = replace(model.meta, threshold=threshold, adaptation=record)
-    if len(members) > 1 or getattr(model, "members", None):
+    if getattr(model, "members", None):
         for m in members:
             m.meta = replace(
                 m.meta, adaptation={**record, "threshold": None, "note": "member of a calibrated ensemble"}
@@ -190,7 +188,9 @@ def labelled_films(site: str | Path, classes: list[str], size: int, progress: bo
         raise DataError(f"{site}: classes {sorted(unknown)} are not among the model's {classes}")
     samples = [s for split in data.splits for s in data.split(split)]
     if not samples:
-        raise DataError(f"{site}: no films found; expected {site}/{'/ '.join(classes)}/ folders of images")
+        raise DataError(
+            f"{site}: no films found; expected class folders of images ({', '.join(f'{site}/{c}' for c in classes)})"
+        )
     decoded = decode_images([s.path for s in samples], size, progress=progress, use_cache=False)
     ok = decoded.ok
     kept = [s for s, good in zip(samples, ok) if good]

@@ -22,6 +22,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from pneumo.evaluation.metrics import softmax
 from pneumo.infer.model_folder import LoadedModel
 from pneumo.nets.batchnorm import batchnorm_layers
 
@@ -79,12 +80,10 @@ def entropy_minimisation(member: LoadedModel, pixels: np.ndarray, progress: bool
     rng = np.random.default_rng(seed)
     net.eval()  # statistics as re-estimated: only the affine parameters learn
     losses = []
-    steps = [
-        order[i : i + TENT_BATCH]
-        for _ in range(TENT_EPOCHS)
-        for order in [rng.permutation(len(pixels))]
-        for i in range(0, len(pixels), TENT_BATCH)
-    ]
+    steps = []
+    for _ in range(TENT_EPOCHS):
+        order = rng.permutation(len(pixels))
+        steps += [order[i : i + TENT_BATCH] for i in range(0, len(pixels), TENT_BATCH)]
     with torch.enable_grad():
         for idx in tqdm(steps, desc="entropy minimisation", unit="batch", disable=not progress, leave=False):
             x = torch.as_tensor(pixels[np.sort(idx)]).unsqueeze(1).to(member.device)
@@ -111,16 +110,16 @@ def entropy_minimisation(member: LoadedModel, pixels: np.ndarray, progress: bool
 
 def self_training(member: LoadedModel, pixels: np.ndarray, progress: bool = True) -> dict:
     """The last layer refitted on confident pseudo-labels of the site's films; returns what it did."""
-    probs = member.probabilities(pixels)
+    hidden = hidden_activations(member, pixels)  # one body pass: the probabilities are the last layer's
+    last = member.net.head[-1].weight
+    probs = softmax(hidden @ last.detach().numpy().T, member.meta.temperature)
     confident = probs.max(1) >= CONFIDENT
     pseudo = probs.argmax(1)
     kept = {member.classes[i]: int((pseudo[confident] == i).sum()) for i in range(len(member.classes))}
     if min(kept.values()) < 2:  # one class only: nothing to fit a decision to
         return {"self_training": {"confident_films": kept, "fitted": False}}
-    hidden = hidden_activations(member, pixels[confident])
-    last = member.net.head[-1].weight
     with torch.no_grad():
-        last.copy_(fit_last_layer(hidden, pseudo[confident], last, SELF_TRAINING_ANCHOR))
+        last.copy_(fit_last_layer(hidden[confident], pseudo[confident], last, SELF_TRAINING_ANCHOR))
     return {
         "self_training": {
             "confidence": CONFIDENT,
