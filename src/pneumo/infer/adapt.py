@@ -71,7 +71,7 @@ FEWEST_FILMS = 2  # even with allow_few: a BatchNorm statistic of one film is no
 THRESHOLD_RULES = ("auto", "keep", "prior")
 PREVALENCE_LIMITS = (0.01, 0.99)  # an EM estimate is clipped here, so a moved threshold stays finite
 METHODS = ("batchnorm", "tent", "self-training")
-DEFAULT_METHOD = "batchnorm"  # measured against the others on outside-dev: bench/README.md, "Adaptation methods"
+DEFAULT_METHOD = "batchnorm"  # measured against the others on outside-dev: bench/results/outside/*.md, README
 _BN = (
     "the body's BatchNorm statistics re-estimated on the site's unlabelled films (cumulative averages, "
     f"batches of {BN_ADAPT_BATCH_SIZE})"
