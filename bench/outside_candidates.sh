@@ -20,6 +20,9 @@ declare -A OPTIONS=(
   [lite2_stages2]="--arch efficientnet_lite2 --trainable-stages 2"   # the reference's second member
   [lite0_stages4]="--arch efficientnet_lite0 --trainable-stages 4"   # deeper into the body on cached maps
   [lite1_stages2]="--arch efficientnet_lite1 --trainable-stages 2"   # a third member
+  [lite1_stages4]="--arch efficientnet_lite1 --trainable-stages 4"   # a third member, as deep as lite0's
+  [lite2_stages4]="--arch efficientnet_lite2 --trainable-stages 4"   # the second member as deep as the first
+  [lite0_stages4_unfreeze3]="--arch efficientnet_lite0 --trainable-stages 4 --unfreeze-epochs 3"  # then the whole net
   [tutorial]="--arch efficientnet_lite0 --trainable-stages 0 --class-balance none --feature-views 1 --augment-policy standard"
 )
 for name in "${@:-lite0_stages4}"; do

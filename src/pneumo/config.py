@@ -180,6 +180,15 @@ class TrainConfig:
     )
     #  radiograph: the outside films' differences (data.shifts) drawn at random, for films pneumo never saw;
     #  the default since issue 15: under shift it kept balanced accuracy 0.944 where standard fell to 0.873
+    consistency: float = option(
+        0.0,
+        "features: weight of a loss asking two views of one film for the same reading (AugMix's "
+        "Jensen-Shannon consistency); 0: off",
+        ge=0,
+        train_only=True,
+    )
+    #  against the consistency table of bench/outside.py (a re-encoded film read differently); each step
+    #  then takes half a batch of films, two different views of each
     class_balance: str = option("weights", "loss weights inverse to class frequency, or none", choices=BALANCE)
     # --- decisions --------------------------------------------------------------------------------
     threshold: str = option(
@@ -210,6 +219,11 @@ class TrainConfig:
             setattr(self, f.name, checked(f.name, getattr(self, f.name)))
         if self.epochs + self.unfreeze_epochs == 0:
             raise PneumoError("train for at least one epoch (--epochs or --unfreeze-epochs above 0)")
+        if self.consistency and (self.mode == "full" or self.feature_views < 2):
+            raise PneumoError(
+                "--consistency compares two cached views of a film: "
+                "it needs --mode features and --feature-views 2 or more"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

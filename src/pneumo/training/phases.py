@@ -153,19 +153,37 @@ class HeadOnFeatures(Phase):
         train_y: torch.Tensor,
         valid_feats: torch.Tensor,
         trainable_stages: int = 0,
+        consistency: float = 0.0,
         **kw,
     ):
         super().__init__(*args, **kw)
         self.train_feats, self.train_y, self.valid_feats = train_feats, train_y, valid_feats
-        self.trainable_stages = trainable_stages
+        self.trainable_stages, self.consistency = trainable_stages, consistency
         self.trained = torch.nn.ModuleList([self.model.head, self.model.tail(trainable_stages)])
 
     def step(self, idx: torch.Tensor) -> torch.Tensor:
         self.trained.train()
+        if self.consistency:
+            return self.consistency_step(idx[: max(1, len(idx) // 2)])
         views = torch.randint(len(self.train_feats), (len(idx),), generator=self.gen)
         views = views.to(self.device, non_blocking=True)
         logits = self.model.forward_from(self.train_feats[views, idx].float(), self.trainable_stages)
         return F.cross_entropy(logits, self.train_y[idx], weight=self.class_weights)
+
+    def consistency_step(self, films: torch.Tensor) -> torch.Tensor:
+        """Two different views of each film in one batch: the cross-entropy of both plus ``consistency``
+        times the Jensen-Shannon divergence of their two readings (AugMix, Hendrycks et al. 2020)."""
+        n_views = len(self.train_feats)
+        first = torch.randint(n_views, (len(films),), generator=self.gen)
+        second = (first + torch.randint(1, n_views, (len(films),), generator=self.gen)) % n_views
+        views = torch.cat([first, second]).to(self.device, non_blocking=True)
+        both = films.repeat(2)
+        logits = self.model.forward_from(self.train_feats[views, both].float(), self.trainable_stages)
+        loss = F.cross_entropy(logits, self.train_y[both], weight=self.class_weights)
+        p, q = logits.float().softmax(dim=1).chunk(2)
+        log_mean = ((p + q) / 2).clamp_min(1e-7).log()
+        js = (F.kl_div(log_mean, p, reduction="batchmean") + F.kl_div(log_mean, q, reduction="batchmean")) / 2
+        return loss + self.consistency * js
 
     @torch.inference_mode()
     def valid_logits(self, batch_size: int = 256) -> torch.Tensor:
@@ -295,6 +313,7 @@ def build_phase(setup: RunSetup, name: str, folder: RunFolder, progress: bool = 
             train_y=setup.train_y.to(device),
             valid_feats=feats["valid"].to(device),
             trainable_stages=cfg.trainable_stages,
+            consistency=cfg.consistency,
             **common,
         )
     if name == "frozen":
