@@ -355,3 +355,14 @@ def test_the_other_methods_adapt_beyond_batchnorm_and_say_what_they_did(trained_
 def test_an_unknown_method_is_refused_by_name(trained_run, site_pixels):
     with pytest.raises(PneumoError, match="--method 'tnet'"):
         adapt_loaded(load_model(trained_run), site_pixels, progress=False, method="tnet")
+
+
+def test_an_unknown_method_is_refused_before_any_film_is_decoded(trained_run, tmp_path, monkeypatch):
+    import pneumo.infer.adapt as adapt_module
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("films were decoded before --method was checked")
+
+    monkeypatch.setattr(adapt_module, "decode_images", no_decoding)
+    with pytest.raises(PneumoError, match="--method 'tnet'"):
+        adapt_module.adapt_films(trained_run, SITE, tmp_path / "out", progress=False, method="tnet")

@@ -152,6 +152,12 @@ def prior_shift_threshold(threshold: float, prior: float, prevalence: float) -> 
     return float(odds / (1 + odds))
 
 
+def check_method(method: str) -> None:
+    """Refuse an unknown adaptation method (before any film is decoded)."""
+    if method not in METHODS:
+        raise PneumoError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+
+
 def resolve_rule(rule: str, threshold_method: str) -> str:
     """``keep`` or ``prior`` for ``rule``; ``auto``: prior for a posterior cut (fixed:X), else keep."""
     if rule not in THRESHOLD_RULES:
@@ -262,8 +268,7 @@ def adapt_loaded(
     (``auto`` keeps the threshold). An ensemble's members are each adapted on the same films and the
     ensemble's threshold follows the rule on its mean probabilities.
     """
-    if method not in METHODS:
-        raise PneumoError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    check_method(method)
     pixels = np.asarray(pixels)
     n = len(pixels)
     check_enough(n, allow_few, where)
@@ -359,6 +364,7 @@ def evaluation_adapter(
 ) -> Callable[[LoadedModel, np.ndarray], tuple[LoadedModel, dict[str, Any]]]:
     """What ``evaluate_model_on_folder(adapt=...)`` calls: adapt on the evaluated films, labels unused."""
     resolve_rule(threshold_rule, "youden")  # a typo fails before any film is read
+    check_method(method)
     prevalence = training_prevalence(model)
 
     def adapt(loaded: LoadedModel, pixels: np.ndarray) -> tuple[LoadedModel, dict[str, Any]]:
@@ -408,6 +414,7 @@ def adapt_films(
     """
     out = Path(out)
     resolve_rule(threshold_rule, "youden")  # a typo fails before any film is read
+    check_method(method)
     if (out / "model.json").exists():
         raise PneumoError(f"{out} holds a model already; choose another --out")
     source = model_folder(model)
