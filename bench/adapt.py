@@ -158,12 +158,8 @@ def compose(spec: str, size: int):
 
 def figures(p_pos: np.ndarray, labels: np.ndarray, pos: int, threshold: float) -> dict[str, Any]:
     m = binary_metrics(p_pos, labels, threshold, pos)
-    sens, spec = m["sensitivity"], m["specificity"]
     return {
-        "accuracy": m["accuracy"],
-        "sensitivity": sens,
-        "specificity": spec,
-        "balanced_accuracy": None if sens is None or spec is None else (sens + spec) / 2,
+        **{k: m[k] for k in ("accuracy", "sensitivity", "specificity", "balanced_accuracy")},
         "auc": m["roc_auc"],
         "threshold": float(threshold),
     }

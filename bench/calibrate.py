@@ -36,7 +36,6 @@ KEYS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "roc_auc"
 def scores(model: Any, pixels: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     p = model.probabilities(pixels)[:, model.positive]
     m = binary_metrics(p, labels, model.threshold, model.positive)
-    m["balanced_accuracy"] = (m["sensitivity"] + m["specificity"]) / 2
     return {k: round(float(m[k]), 4) for k in KEYS} | {"threshold": round(float(model.threshold), 4)}
 
 

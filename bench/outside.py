@@ -82,7 +82,6 @@ def figures(model: Any, probs: np.ndarray, labels: np.ndarray, names: list[str],
     accs = [binary_metrics(p_pos, y, float(t), pos)["accuracy"] for t in grid]
     best = int(np.argmax(accs))
     m, ci = dict(report["metrics"]), report.get("ci") or {}
-    m["balanced_accuracy"] = (m["sensitivity"] + m["specificity"]) / 2
     keep = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "roc_auc", "f1")
     return {
         "n": report["n"],

@@ -46,6 +46,7 @@ def test_binary_metrics_by_hand():
         "error_rate": 0.3,
         "sensitivity": 0.6,
         "specificity": 0.8,
+        "balanced_accuracy": 0.7,
         "ppv": 0.75,
         "npv": 4 / 6,
         "f1": 6 / 9,
@@ -69,6 +70,7 @@ def test_undefined_ratios_are_none_and_json_safe():
     # No positive images, and nothing predicted positive.
     m = ev.binary_metrics(np.array([0.1, 0.2, 0.3]), np.array([0, 0, 0]), 0.5)
     assert m["sensitivity"] is None and m["ppv"] is None and m["roc_auc"] is None and m["f1"] is None
+    assert m["balanced_accuracy"] is None
     assert m["specificity"] == 1.0 and m["npv"] == 1.0
     assert "NaN" not in json.dumps(m)
 

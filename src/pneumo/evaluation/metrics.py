@@ -93,12 +93,14 @@ def binary_metrics(
     if is_pos.any() and (~is_pos).any():
         auc = float(roc_auc_score(is_pos, p, sample_weight=None if weights is None else w))
     accuracy = _ratio(tp + tn, total)
+    sensitivity, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
     count = (lambda v: int(round(v))) if weights is None else (lambda v: round(float(v), 6))
     return {
         "accuracy": accuracy,
         "error_rate": None if accuracy is None else 1.0 - accuracy,
-        "sensitivity": _ratio(tp, tp + fn),
-        "specificity": _ratio(tn, tn + fp),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "balanced_accuracy": None if sensitivity is None or specificity is None else (sensitivity + specificity) / 2,
         "ppv": _ratio(tp, tp + fp),
         "npv": _ratio(tn, tn + fn),
         "roc_auc": auc,
