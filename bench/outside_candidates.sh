@@ -22,6 +22,7 @@ declare -A OPTIONS=(
   [lite1_stages2]="--arch efficientnet_lite1 --trainable-stages 2"   # a third member
   [lite1_stages4]="--arch efficientnet_lite1 --trainable-stages 4"   # a third member, as deep as lite0's
   [lite2_stages4]="--arch efficientnet_lite2 --trainable-stages 4"   # the second member as deep as the first
+  [lite0_stages4_consistency4]="--arch efficientnet_lite0 --trainable-stages 4 --consistency 4"  # AugMix's loss on two views
   [lite0_stages4_unfreeze3]="--arch efficientnet_lite0 --trainable-stages 4 --unfreeze-epochs 3"  # then the whole net
   [tutorial]="--arch efficientnet_lite0 --trainable-stages 0 --class-balance none --feature-views 1 --augment-policy standard"
 )

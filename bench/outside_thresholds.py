@@ -9,6 +9,10 @@ chooses it, and the model's plain reading of outside-dev is judged at it.
 The rule, written 2026-12-07 before these runs: the threshold rule with the highest mean outside-dev
 balanced accuracy over the runs given, among the rules whose mean outside-dev sensitivity stays >= 0.95;
 a rule that beats ``youden`` (the default) by less than 1 point of balanced accuracy does not replace it.
+Amended 2026-12-08, after the fine-tuned Lite0 (``--unfreeze-epochs 3``) read outside-dev films more
+confidently than any model before it: the candidates now include sensitivity targets below 0.95
+(0.85, 0.90, 0.93); the rule itself is unchanged. Since these rules were added after seeing that model's
+readings, the outside-dev figures at the chosen rule are optimistic; the withheld half judges it.
 Outside-dev figures, never "test".
 """
 
@@ -27,7 +31,17 @@ from pneumo.evaluation.metrics import binary_metrics, choose_threshold
 from pneumo.infer.calibrate import labelled_films
 from pneumo.infer.model_folder import load_model
 
-RULES = ("youden", "sensitivity:0.95", "sensitivity:0.97", "sensitivity:0.98", "sensitivity:0.99", "fixed:0.5")
+RULES = (
+    "youden",
+    "sensitivity:0.85",
+    "sensitivity:0.90",
+    "sensitivity:0.93",
+    "sensitivity:0.95",
+    "sensitivity:0.97",
+    "sensitivity:0.98",
+    "sensitivity:0.99",
+    "fixed:0.5",
+)
 MIN_SENSITIVITY = 0.95
 MARGIN = 0.01
 
@@ -56,7 +70,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 "accuracy": rounded(m["accuracy"]),
                 "sensitivity": rounded(m["sensitivity"]),
                 "specificity": rounded(m["specificity"]),
-                "balanced_accuracy": rounded((m["sensitivity"] + m["specificity"]) / 2),
+                "balanced_accuracy": rounded(m["balanced_accuracy"]),
             }
         runs[run.name if run.name != "model" else run.parent.name] = {
             "stored_threshold": model.threshold,

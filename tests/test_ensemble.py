@@ -66,3 +66,16 @@ def test_members_validated_on_other_images_are_refused(two_runs, tmp_path):
         make_ensemble([two_runs[0], other], tmp_path / "ens")
     with pytest.raises(PneumoError, match="at least two"):
         make_ensemble([two_runs[0]], tmp_path / "ens")
+
+
+def test_members_run_from_other_folders_name_the_same_films():
+    """A run started with a relative data path records relative paths: still the same validation films."""
+    from pneumo.infer.ensemble import same_films
+
+    absolute = ["/work/shared/data/train/NORMAL/IM-1.jpeg", "/work/shared/data/train/PNEUMONIA/p2.jpeg"]
+    relative = ["../shared/data/train/NORMAL/IM-1.jpeg", "../shared/data/train/PNEUMONIA/p2.jpeg"]
+    assert same_films(absolute, relative) and same_films(relative, absolute)
+    assert not same_films(absolute, relative[::-1])  # another order
+    assert not same_films(absolute, ["../other/NORMAL/IM-9.jpeg", relative[1]])  # another film
+    assert not same_films(absolute, relative[:1])
+    assert not same_films(["/a/x.jpeg"], ["x.jpeg"])  # a bare file name is not enough

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 
@@ -40,6 +40,22 @@ def read_member_predictions(run: RunFolder) -> ValidPredictions:
     return run.read_predictions()
 
 
+def same_films(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether two runs' validation lists name the same films in the same order: a run started with a
+    relative data path records relative paths, so each pair matches when one path's parts (leading
+    ``..`` dropped) end the other's."""
+
+    def parts(path: str) -> tuple[str, ...]:
+        return tuple(p for p in PurePath(path).parts if p not in ("..", "."))
+
+    def same(x: str, y: str) -> bool:
+        px, py = parts(x), parts(y)
+        short, long = sorted((px, py), key=len)
+        return x == y or (len(short) >= 2 and long[-len(short) :] == short)
+
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+
+
 def make_ensemble(run_dirs: Sequence[str | Path], out: str | Path, threshold: str = DEFAULT_THRESHOLD_RULE) -> dict:
     """Write an ensemble of finished runs to ``out`` (``out/model`` is the model folder); returns
     its validation report (also written to ``out/valid_eval.json``)."""
@@ -53,7 +69,7 @@ def make_ensemble(run_dirs: Sequence[str | Path], out: str | Path, threshold: st
     probs = []
     for run in runs:
         preds = read_member_predictions(run)
-        if preds.classes != first.classes or preds.paths != first.paths or preds.skipped:
+        if preds.classes != first.classes or not same_films(preds.paths, first.paths) or preds.skipped:
             raise PneumoError(
                 f"{run.path} was validated on other images or classes than {runs[0].path}: train the "
                 f"members on the same data with the same --split, --valid-pct and --seed"
