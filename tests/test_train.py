@@ -16,7 +16,9 @@ import torch
 
 import pneumo
 from pneumo.errors import PneumoError, TrainingError
+from pneumo.extras import available
 from pneumo.infer.model_folder import load_model
+from pneumo.run_folder import RunFolder
 from pneumo.training.loop import StopRequested, train
 
 SAMPLE = Path(pneumo.__file__).parent / "sample_data" / "chest_xray"
@@ -249,3 +251,11 @@ def test_a_run_started_by_an_older_version_with_mode_auto_resumes(tmp_path):
     resumed = train(resume=True, out=str(out), progress=False)
     assert [row["epoch"] for row in resumed.history] == [1, 2]
     assert json.loads((out / "config.json").read_text())["mode"] == "auto"
+
+
+def test_the_features_pass_records_its_runtime_and_parity(run):
+    """onnxruntime ran the frozen prefix (when the extra is installed), after agreeing with PyTorch."""
+    record = RunFolder(run.run_dir).read_features_runtime()
+    assert record["runtime"] == ("onnxruntime" if available("onnx", "onnxruntime") else "torch") and record["reason"]
+    if record["runtime"] == "onnxruntime":
+        assert 0 <= record["max_abs_diff"] <= record["tolerance"]

@@ -12,6 +12,7 @@
     RUN/checkpoints/last.pt      resumable state, written atomically each epoch
     RUN/checkpoints/previous.pt  the epoch before: named when last.pt is damaged on disk
     RUN/checkpoints/features.pt  cached body features (features mode)
+    RUN/features_runtime.json    what ran the frozen prefix for them, its parity with PyTorch, why
     RUN/model/                   the model folder: model.json (model_meta.py) + model.safetensors
 
 Trainer, ensemble, report, interpret, compare and the test fixtures all go through ``RunFolder``;
@@ -76,6 +77,7 @@ class RunFolder:
         self.checkpoint_file, self.features_file = checkpoints / "last.pt", checkpoints / "features.pt"
         self.previous_checkpoint_file = checkpoints / "previous.pt"  # the epoch before last.pt's
         self.distributed_file = self.path / "distributed.json"
+        self.features_runtime_file = self.path / "features_runtime.json"
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -233,6 +235,15 @@ class RunFolder:
 
     def read_distributed(self) -> dict[str, Any]:
         return self._json(self.distributed_file, "a run trained with torchrun / --nproc")
+
+    # ------------------------------------------------------------------ features_runtime.json
+    def write_features_runtime(self, record: dict[str, Any]) -> None:
+        """Which runtime computed the cached features (``training.prefix_runtime``): runtime,
+        max_abs_diff against PyTorch on the first batch, tolerance, reason."""
+        atomic_write_json(self.features_runtime_file, record)
+
+    def read_features_runtime(self) -> dict[str, Any]:
+        return self._json(self.features_runtime_file, "a features-mode run")
 
     # ------------------------------------------------------------------ model/model.json
     def read_model_meta(self) -> ModelMeta:

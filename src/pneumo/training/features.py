@@ -9,6 +9,12 @@ feature maps from the stage before them.
 
 ``cached_features`` is what a run calls: both passes once, stored in the run folder
 (``RUN/checkpoints/features.pt``) and in the shared cache, keyed by everything they depend on.
+The frozen prefix runs on the runtime ``prefix_runtime.frozen_prefix`` chooses (onnxruntime on a
+CPU once it agrees with PyTorch on the first batch); ``RUN/features_runtime.json`` says which and why.
+The key leaves the runtime out: both give the same features within the parity tolerance (below the
+float16 rounding the stored training maps get anyway), as PyTorch with another thread count does.
+The record of the runtime that computed them travels in the cached file, so a run reusing a cache
+says truthfully what computed its features; a resumed run reads its own file, so it stays exact.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pneumo.nets.batchnorm import adapt_batchnorm
 from pneumo.nets.models import XrayNet
 from pneumo.run_folder import RunFolder
 from pneumo.training import distributed
+from pneumo.training.prefix_runtime import Features, Prefix, frozen_prefix, torch_prefix
 from pneumo.training.setup import RunSetup, TrainData, timed
 
 
@@ -72,6 +79,7 @@ def extract_features(
     trainable_stages: int = 0,
     half: bool = True,
     augment_policy: str = "standard",
+    prefix: Features | None = None,
 ) -> torch.Tensor:
     """What the frozen part of the body gives, augmented (by ``augment_policy``) when a ``generator`` is given.
 
@@ -79,15 +87,17 @@ def extract_features(
     feature maps entering those stages ``(N, C, H, W)``, in float16 (half the memory) unless ``half``
     is False: validation maps stay float32, so that the stored validation predictions, threshold and
     temperature are those of the saved network. ``batch_size`` None: ``feature_batch_size(device)``.
+    ``prefix``: what runs the frozen part (``prefix_runtime.frozen_prefix``); None: PyTorch on a
+    BatchNorm-folded copy of ``model``.
     """
-    model = fold_batchnorm(model)
+    prefix = prefix or torch_prefix(fold_batchnorm(model), trainable_stages)
     batch_size = batch_size or feature_batch_size(device)
     out = []
     for i in tqdm(range(0, len(pixels), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         x = torch.from_numpy(np.ascontiguousarray(pixels[i : i + batch_size])).unsqueeze(1).to(device)
         if generator is not None:
             x = augment_batch(x, generator, policy=augment_policy)
-        f = model.features_before(x.contiguous(memory_format=torch.channels_last), trainable_stages)
+        f = prefix(x)
         out.append(f.to(torch.float16 if trainable_stages and half else torch.float32).cpu())
     return torch.cat(out)
 
@@ -129,8 +139,12 @@ def cached_features(setup: RunSetup, folder: RunFolder, progress: bool) -> dict[
         candidate, saved = found
         model.body.load_state_dict(saved["body"])
         generator.set_state(saved["generator"])
-        if candidate != own and ctx.is_main:
-            folder.save_checkpoint(own, **saved)
+        if ctx.is_main:
+            folder.write_features_runtime(
+                {**cached_runtime(saved), "read_from": "cache" if candidate != own else "run"}
+            )
+            if candidate != own:
+                folder.save_checkpoint(own, **saved)
         return {"train": saved["train"], "valid": saved["valid"]}
     rng = np.random.default_rng(cfg.seed)
     sample = np.sort(rng.permutation(len(data.train_pixels))[: cfg.bn_adapt_images])
@@ -140,6 +154,7 @@ def cached_features(setup: RunSetup, folder: RunFolder, progress: bool) -> dict[
                 adapt_batchnorm(model, data.train_pixels[sample], device, cfg.bn_adapt_batch_size, progress=progress)
             distributed.broadcast_module(model.body)
     with timed(setup.timings, "features_s"):  # under torchrun each rank computes its share, then all gather
+        prefix = choose_prefix(setup)
         views = []
         for v in range(cfg.feature_views):
             augmenter = distributed.rank_generator(generator) if cfg.augment and v > 0 else None
@@ -154,6 +169,7 @@ def cached_features(setup: RunSetup, folder: RunFolder, progress: bool) -> dict[
                     augment_policy=cfg.augment_policy,
                     desc=f"features, train view {v + 1}/{cfg.feature_views}",
                     trainable_stages=cfg.trainable_stages,
+                    prefix=prefix.run,
                 )
 
             views.append(distributed.gather_shards(len(data.train_pixels), train_view))
@@ -167,11 +183,14 @@ def cached_features(setup: RunSetup, folder: RunFolder, progress: bool) -> dict[
                 desc="features, valid",
                 trainable_stages=cfg.trainable_stages,
                 half=False,
+                prefix=prefix.run,
             ),
         )
     feats = {"train": torch.stack(views), "valid": valid}
     if ctx.is_main:
+        folder.write_features_runtime(prefix.record)
         saved = dict(key=key, body=model.body.state_dict(), generator=generator.get_state(), **feats)
+        saved["prefix_runtime"] = prefix.record
         folder.save_checkpoint(own, **saved)
         if use_shared:
             try:
@@ -179,6 +198,23 @@ def cached_features(setup: RunSetup, folder: RunFolder, progress: bool) -> dict[
             except OSError:
                 pass  # a read-only cache costs time next run, never this one
     return feats
+
+
+def choose_prefix(setup: RunSetup) -> Prefix:
+    """The runtime of this run's features pass (``prefix_runtime.frozen_prefix``), checked on the
+    first batch of the pass: the first training images, as they are."""
+    cfg, device = setup.cfg, setup.device
+    first = torch.from_numpy(np.ascontiguousarray(setup.data.train_pixels[: feature_batch_size(device)]))
+    return frozen_prefix(fold_batchnorm(setup.model), cfg.trainable_stages, device, first.unsqueeze(1))
+
+
+def cached_runtime(saved: dict) -> dict:
+    """The runtime record stored with cached features; features cached before it was stored came
+    from PyTorch."""
+    record = saved.get("prefix_runtime")
+    if isinstance(record, dict):
+        return dict(record)
+    return {"runtime": "torch", "max_abs_diff": None, "reason": "features cached before the runtime was recorded"}
 
 
 def _saved_features(folder: RunFolder, candidates: tuple[Path, ...], key: str) -> tuple[Path, dict] | None:
