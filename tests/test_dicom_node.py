@@ -5,6 +5,7 @@ garbage on the port, and a kill mid-stream (a subprocess, SIGKILL, restart) that
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -24,6 +25,10 @@ from test_audit_record import make_model_folder
 pydicom = pytest.importorskip("pydicom")
 pynetdicom = pytest.importorskip("pynetdicom", reason="the dicom-node extra (pynetdicom) is not installed")
 pytest.importorskip("highdicom", reason="the dicom-node extra (highdicom) is not installed")
+
+from pydicom.filebase import DicomBytesIO  # noqa: E402
+from pydicom.filewriter import write_dataset  # noqa: E402
+from pynetdicom.dimse_primitives import C_STORE  # noqa: E402
 
 from pneumo.audit.record import instance_key  # noqa: E402
 from pneumo.dicom_node.node import DicomNode, Reader  # noqa: E402
@@ -222,6 +227,32 @@ def synthetic_film(rows: int = 64, study: str | None = None) -> pydicom.Dataset:
     return ds
 
 
+def encoded(ds: pydicom.Dataset) -> bytes:
+    """A data set's bytes in explicit VR little endian, as a C-STORE carries them."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+def send_raw(assoc, payload: bytes, sop_class: str = "1.2.840.10008.5.1.4.1.1.1") -> int:
+    """A C-STORE whose data set is ``payload`` as given (pynetdicom's send_c_store would check it first)."""
+    request = C_STORE()
+    request.MessageID, request.Priority = 7, 2
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = sop_class, pydicom.uid.generate_uid()
+    request.DataSet = io.BytesIO(payload)
+    context = assoc._get_valid_context(sop_class, pydicom.uid.ExplicitVRLittleEndian, "scu")
+    assoc._reactor_checkpoint.clear()  # as send_c_store does: the reactor paused, the answer is ours
+    while not assoc._is_paused:
+        time.sleep(0.001)
+    try:
+        assoc.dimse.send_msg(request, context.context_id)
+        _, response = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    return int(response.Status) if response is not None else -1
+
+
 def test_a_full_queue_answers_out_of_resources_at_once_and_keeps_what_it_accepted(node_model, tmp_path):
     unreachable = Destination("NOBODY", "127.0.0.1", free_port())  # results cannot leave: the queue fills
     node = start_node(node_model, tmp_path, unreachable, queue=2)
@@ -245,14 +276,17 @@ def test_malformed_data_sets_and_garbage_get_failure_statuses_and_the_node_keeps
         del no_pixels.PixelData
         no_uid = synthetic_film()
         no_uid.StudyInstanceUID = ""
-        wrong_class = synthetic_film()
-        wrong_class.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # says DX, sent in a CR context
         ae = pynetdicom.AE(ae_title="MODALITY1")
         ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", pydicom.uid.ExplicitVRLittleEndian)
         assoc = ae.associate("127.0.0.1", node.port, ae_title="PNEUMO")
-        statuses = [int(assoc.send_c_store(ds).Status) for ds in (no_pixels, no_uid, wrong_class)]
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in (no_pixels, no_uid)]
+        # bytes pynetdicom would not encode: a sequence whose items are garbage, a DX data set in a CR context
+        garbage = encoded(synthetic_film()) + b"\x08\x00\x40\x11SQ\x00\x00\x10\x00\x00\x00\xfe\xff\x00\xe0" + b"\xff" * 12
+        dx = synthetic_film()
+        dx.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+        statuses += [send_raw(assoc, garbage), send_raw(assoc, encoded(dx))]
         assoc.release()
-        assert statuses[0] >> 12 == 0xC and statuses[1] >> 12 == 0xC and statuses[2] == 0xA900
+        assert [s >> 12 for s in statuses[:3]] == [0xC, 0xC, 0xC] and statuses[3] == 0xA900
         # bytes that are not DICOM, then a truncated association request: dropped, no traceback
         for junk in (b"GET / HTTP/1.1\r\n\r\n" + os.urandom(512), bytes.fromhex("0100000000cc0001")):
             with socket.create_connection(("127.0.0.1", node.port), timeout=5) as s:

@@ -78,7 +78,7 @@ def cmd_dicom(args: argparse.Namespace) -> int:  # argparse requires an ACTION: 
 
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.ERROR)  # it logs at INFO/DEBUG what peers send
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it logs at INFO/DEBUG what peers send
 
 
 def cmd_listen(args: argparse.Namespace) -> int:

@@ -104,6 +104,24 @@ def store_handler(spool: Spool, on_stored: Callable[[], None] | None = None) -> 
     return handle
 
 
+class NoTraceback(logging.Filter):
+    """pynetdicom logs a peer's garbage with the traceback of its own parser: keep the line, drop the
+    traceback (a bad peer is not a bug of the node, and the log stays readable)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_pynetdicom() -> None:
+    """Tracebacks off for every pynetdicom logger (a logger's filters are not inherited by its children)."""
+    names = [n for n in logging.root.manager.loggerDict if n == "pynetdicom" or n.startswith("pynetdicom.")]
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, NoTraceback) for f in logger.filters):
+            logger.addFilter(NoTraceback())
+
+
 def make_ae(ae_title: str, network_timeout: float = 30.0, max_associations: int = 16) -> Any:
     """The application entity: CR and DX storage in every transfer syntax pynetdicom knows, and
     verification; associations must name ``ae_title``; idle or silent peers are dropped after
@@ -117,6 +135,7 @@ def make_ae(ae_title: str, network_timeout: float = 30.0, max_associations: int 
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = network_timeout
     ae.maximum_associations = max_associations
     ae.maximum_pdu_size = 0  # no limit: the sender's PDUs as they come
+    quiet_pynetdicom()
     return ae
 
 
