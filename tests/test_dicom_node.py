@@ -281,7 +281,9 @@ def test_malformed_data_sets_and_garbage_get_failure_statuses_and_the_node_keeps
         assoc = ae.associate("127.0.0.1", node.port, ae_title="PNEUMO")
         statuses = [int(assoc.send_c_store(ds).Status) for ds in (no_pixels, no_uid)]
         # bytes pynetdicom would not encode: a sequence whose items are garbage, a DX data set in a CR context
-        garbage = encoded(synthetic_film()) + b"\x08\x00\x40\x11SQ\x00\x00\x10\x00\x00\x00\xfe\xff\x00\xe0" + b"\xff" * 12
+        garbage = (
+            encoded(synthetic_film()) + b"\x08\x00\x40\x11SQ\x00\x00\x10\x00\x00\x00\xfe\xff\x00\xe0" + b"\xff" * 12
+        )
         dx = synthetic_film()
         dx.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
         statuses += [send_raw(assoc, garbage), send_raw(assoc, encoded(dx))]
