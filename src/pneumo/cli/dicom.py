@@ -26,7 +26,7 @@ def add_dicom(sub: Subcommands) -> None:
         "new series in the same study) are stored at --send-to.",
         formatter_class=HelpFormatter,
     )
-    listen.set_defaults(handler=cmd_listen)
+    listen.set_defaults(handler=cmd_dicom_listen)
     listen.add_argument("model", help="model folder (RUN/model) or run folder")
     listen.add_argument("--ae-title", default="PNEUMO", help="this node's AE title (associations must name it)")
     listen.add_argument("--host", default="0.0.0.0", help="address to listen on")
@@ -50,7 +50,7 @@ def add_dicom(sub: Subcommands) -> None:
         "The poll state (what was seen) survives restarts.",
         formatter_class=HelpFormatter,
     )
-    poll.set_defaults(handler=cmd_poll)
+    poll.set_defaults(handler=cmd_dicom_poll)
     poll.add_argument("model", help="model folder (RUN/model) or run folder")
     poll.add_argument(
         "--dicomweb", required=True, metavar="URL", help="the DICOMweb root, e.g. http://pacs:8042/dicom-web"
@@ -81,7 +81,7 @@ def _logging() -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it logs at INFO/DEBUG what peers send
 
 
-def cmd_listen(args: argparse.Namespace) -> int:
+def cmd_dicom_listen(args: argparse.Namespace) -> int:
     from pneumo.dicom_node.node import listen
     from pneumo.dicom_node.send import check_ae_title, parse_destination
     from pneumo.errors import PneumoError
@@ -108,7 +108,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_poll(args: argparse.Namespace) -> int:
+def cmd_dicom_poll(args: argparse.Namespace) -> int:
     from pneumo.dicom_node.poll import poll
 
     _logging()
