@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 STAMP  := $(VENV)/.pneumo-installed
-EXTRAS := test,tensorboard,mlflow,dicom,onnx,ray,postgres
+EXTRAS := test,tensorboard,mlflow,dicom,dicom-node,onnx,ray,postgres
 LOCK   := requirements.lock
 TOOLS  ?= .venv-tools
 # TORCH="torch==... --index-url ..." installs another PyTorch build and resolves the rest from
@@ -20,7 +20,7 @@ PLATFORM_OF = $(1) -c 'import platform, sys; print(f"{sys.implementation.cache_t
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile $(LOCK) tools/install_browser.sh
+$(STAMP): pyproject.toml Makefile $(LOCK) tools/install_browser.sh tools/install_pacs.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 ifeq ($(strip $(TORCH)),)
 	@want=$$(sed -n 's/^# platform: \([^ ]*\).*/\1/p' $(LOCK)); have=$$($(call PLATFORM_OF,$(PY))); test "$$want" = "$$have" || \
@@ -32,6 +32,7 @@ else
 	$(PIP) install -e ".[$(EXTRAS)]"
 endif
 	bash tools/install_browser.sh $(VENV) || echo "warning: Chromium not installed; the browser test will be skipped"
+	bash tools/install_pacs.sh || echo "warning: Orthanc/DCMTK not installed; the Orthanc tests will be skipped"
 	touch $(STAMP)
 
 demo: install

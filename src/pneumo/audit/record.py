@@ -13,9 +13,12 @@ Each call commits before it returns: an answer the caller has seen always has it
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
+import os
 import re
+import secrets
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -38,6 +41,8 @@ from pneumo.model_meta import ModelMeta, model_folder, read_model_meta
 from pneumo.version import __version__
 
 IMAGES_FOLDER = "audit_images"  # beside the SQLite file: IMAGES_FOLDER/ab/abcdef....png
+KEY_FILE = "audit.key"  # beside the SQLite file (or in the model folder for PostgreSQL): the instance-key secret
+KEY_ENV = "PNEUMO_AUDIT_KEY"  # hex; overrides the file (several nodes writing one PostgreSQL trail share it)
 # A note is free text typed next to a patient's film: refuse what looks like an identifier or a date.
 IDENTIFIER_LIKE = re.compile(r"\d{5,}|\b\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}\b")
 
@@ -113,6 +118,39 @@ def images_folder_for(engine: Engine, model_dir: str | Path | None) -> Path:
     return model_folder(model_dir) / IMAGES_FOLDER
 
 
+def audit_key(engine: Engine, model_dir: str | Path) -> bytes:
+    """The secret under which DICOM instance UIDs are hashed: ``$PNEUMO_AUDIT_KEY`` (hex), else
+    ``audit.key`` beside the SQLite file (in the model folder for PostgreSQL), made on first use (32
+    random bytes, mode 0600). Without the key a hash cannot be checked against a guessed UID; with
+    it, a quality officer holding a UID can find its reading (``instance_key``)."""
+    if os.environ.get(KEY_ENV):
+        try:
+            return bytes.fromhex(os.environ[KEY_ENV])
+        except ValueError:
+            raise PneumoError(f"${KEY_ENV} must be hexadecimal (e.g. from: openssl rand -hex 32)") from None
+    path = sqlite_file(engine.url.render_as_string(hide_password=False))
+    path = (path.parent if path is not None else model_folder(model_dir)) / KEY_FILE
+    if not path.is_file():
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another node made it a moment ago
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise PneumoError(f"{path}: cannot read the audit key ({exc})") from None
+
+
+def instance_key(key: bytes, uid: str) -> str:
+    """HMAC-SHA256 of a DICOM UID under the trail's key: what the trail keeps instead of the UID."""
+    return hmac.new(key, uid.encode(), hashlib.sha256).hexdigest()
+
+
 def kept_image_path(images: Path, sha256: str) -> Path:
     return images / sha256[:2] / f"{sha256}.png"
 
@@ -154,6 +192,13 @@ class AuditTrail:
     def close(self) -> None:
         self.engine.dispose()
 
+    @property
+    def key(self) -> bytes:
+        """The instance-key secret (``audit_key``), read on first use."""
+        if getattr(self, "_key", None) is None:
+            self._key = audit_key(self.engine, self.folder)
+        return self._key
+
     def _register_model(self) -> None:
         meta = self.meta
         with Session(self.engine) as session, session.begin():
@@ -180,6 +225,8 @@ class AuditTrail:
         source: str,
         in_scope: bool | None,
         kept: bool,
+        instance: str | None = None,
+        calling_ae: str | None = None,
     ) -> Reading:
         probs = np.asarray([probabilities], dtype=np.float64)
         meta = self.meta
@@ -201,6 +248,8 @@ class AuditTrail:
             in_scope=in_scope,
             latency_ms=float(latency_ms),
             image_kept=kept,
+            instance_key=None if instance is None else instance_key(self.key, instance),
+            calling_ae=calling_ae,
         )
 
     def record_reading(
@@ -211,11 +260,16 @@ class AuditTrail:
         source: str = "serve",
         size: tuple[int, int] | None = None,
         in_scope: bool | None = None,
+        instance: str | None = None,
+        calling_ae: str | None = None,
     ) -> str:
-        """Store one reading (and its image with --keep-images); return its id once committed."""
+        """Store one reading (and its image with --keep-images); return its id once committed.
+
+        ``instance``: a DICOM SOP Instance UID, stored only as its keyed hash (``instance_key``);
+        ``calling_ae``: the AE title of the node that sent it."""
         facts = image_facts(data, size)
         kept = self.images is not None and self._keep_image(data, facts.sha256)
-        reading = self._reading(facts, probabilities, latency_ms, source, in_scope, kept)
+        reading = self._reading(facts, probabilities, latency_ms, source, in_scope, kept, instance, calling_ae)
         reading_id = reading.id
         with Session(self.engine) as session, session.begin():
             session.add(reading)

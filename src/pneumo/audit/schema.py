@@ -53,7 +53,7 @@ class Reading(Base):
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
     pneumo_version: Mapped[str] = mapped_column(String(32))
     runtime: Mapped[str] = mapped_column(String(16))  # torch | onnx
-    source: Mapped[str] = mapped_column(String(16))  # serve | predict
+    source: Mapped[str] = mapped_column(String(16))  # serve | predict | dicom | dicomweb
     image_sha256: Mapped[str] = mapped_column(String(SHA256_HEX), index=True)
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
@@ -66,6 +66,10 @@ class Reading(Base):
     image_kept: Mapped[bool] = mapped_column(
         Boolean, default=False, server_default=false()
     )  # serve --keep-images stored it
+    # the DICOM node: HMAC-SHA256 of the SOP Instance UID under the trail's key (never the UID), and
+    # the AE title of the modality or PACS that sent the film
+    instance_key: Mapped[str | None] = mapped_column(String(SHA256_HEX), index=True)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
 
     feedback: Mapped[list[Feedback]] = relationship(back_populates="reading", order_by="Feedback.id")
 

@@ -183,6 +183,7 @@ def summarise_model(session: Session, model: AuditedModel, model_dir: Path | Non
         "last": utc(readings[-1].created_at).isoformat() if readings else None,
         "by_source": dict(Counter(r.source for r in readings)),
         "by_runtime": dict(Counter(r.runtime for r in readings)),
+        "by_calling_ae": dict(Counter(r.calling_ae for r in readings if r.calling_ae)),  # DICOM node readings
         "pneumo_versions": sorted({r.pneumo_version for r in readings}),
         "decisions": {
             c: {"n": decisions[c], "rate": decisions[c] / len(readings) if readings else None} for c in classes
@@ -233,6 +234,8 @@ def format_summary(report: dict[str, Any]) -> str:
     for m in report["models"]:
         lines.append(f"\nmodel {m['model_id'][:12]} ({m['arch']}) from {m['folder'] or 'an unknown folder'}")
         lines.append(f"  readings   {m['readings']} ({m['first']} .. {m['last']}); {m['by_source']}, {m['by_runtime']}")
+        if m.get("by_calling_ae"):
+            lines.append(f"  sent by    {m['by_calling_ae']} (DICOM calling AE titles)")
         lines.append(
             "  decisions  " + ", ".join(f"{c} {d['n']} ({_pct(d['rate'])})" for c, d in m["decisions"].items())
         )

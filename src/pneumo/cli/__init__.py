@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from pneumo.cli import adapt, audit, compare, data, models, reading, runs, serving, training
+from pneumo.cli import adapt, audit, compare, data, dicom, models, reading, runs, serving, training
 from pneumo.cli.common import HelpFormatter, Subcommands
 from pneumo.errors import PneumoError
 from pneumo.version import __version__
@@ -31,6 +31,7 @@ COMMANDS: tuple[Callable[[Subcommands], None], ...] = (
     reading.add_explain,
     runs.add_interpret,
     serving.add_serve,
+    dicom.add_dicom,
     audit.add_audit,
     models.add_export,
     models.add_card,
