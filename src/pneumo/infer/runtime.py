@@ -42,12 +42,16 @@ def resolve_runtime(
 
     ``needs_network`` names work only PyTorch can do ("--adapt"): auto then picks torch.
     """
+    if runtime not in CHOICES:
+        raise PneumoError(f"unknown runtime {runtime!r}: choose one of {', '.join(CHOICES)}")
+    if runtime == "onnx" and needs_network:
+        raise PneumoError(f"{needs_network} needs the network: use --runtime torch or auto")
     if runtime in RUNTIMES:
         return runtime, f"--runtime {runtime} asked for"
-    if runtime != "auto":
-        raise PneumoError(f"unknown runtime {runtime!r}: choose one of {', '.join(CHOICES)}")
     if not isinstance(model, (str, Path)):
         return runtime_of(model), "the model was given loaded"
+    if Path(model).suffix == ".onnx" and Path(model).is_file():
+        return "onnx", "an .onnx file was given"
     if tta:
         return "torch", "--tta needs the network (the ONNX graph reads each film once)"
     if needs_network:
