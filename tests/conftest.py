@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -183,3 +184,20 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         with one_torch_thread():
             train(SAMPLE_ROOT, out=run, epochs=1, image_size=64, progress=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A copy of the session's model folder with its ONNX export (the shared run stays as it was):
+    one export (~20 s of tracing) shared by the ONNX and runtime tests."""
+    from pneumo.extras import available
+
+    if not available("onnx", "onnxruntime", "onnxscript"):
+        pytest.skip("needs pneumo[onnx]")
+    from pneumo.infer.onnx import export_onnx
+
+    folder = tmp_path_factory.mktemp("onnx") / "model"
+    shutil.copytree(trained_run / "model", folder)
+    with one_torch_thread():
+        report = export_onnx(folder, progress=False)
+    return folder, report

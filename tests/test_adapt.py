@@ -20,6 +20,7 @@ from conftest import SAMPLE_ROOT, load_bench, one_torch_thread
 from pneumo.cli import main
 from pneumo.data.cache import decode_images
 from pneumo.errors import ModelError, PneumoError
+from pneumo.extras import available
 from pneumo.infer.adapt import (
     MIN_ADAPT_FILMS,
     THRESHOLD_RULES,
@@ -33,6 +34,7 @@ from pneumo.infer.adapt import (
 from pneumo.infer.ensemble import make_ensemble
 from pneumo.infer.model_folder import EnsembleModel, load_model
 from pneumo.infer.predict import evaluate_model_on_folder, expand_paths, predict_files
+from pneumo.infer.runtime import resolve_runtime
 from pneumo.model_meta import read_model_meta
 from pneumo.nets.batchnorm import BN_ADAPT_BATCH_SIZE
 
@@ -163,6 +165,9 @@ def test_pneumo_adapt_writes_a_model_folder_that_predicts_and_names_no_film(trai
     assert record["films"] == 60 and record["films_skipped"] == 1 and record["labels_used"] is False
     assert record["method"] == "batchnorm" and record["batch_size"] == 8 and record["min_films"] == MIN_ADAPT_FILMS
     assert record["date"] and len(record["films_sha256"]) == 64
+    if available("onnx", "onnxruntime", "onnxscript"):  # pneumo[onnx]: the new folder is exported, parity-checked
+        assert summary["onnx_export"].startswith(f"ONNX export written to {out / 'model.onnx'}")
+        assert resolve_runtime(out)[0] == "onnx"
     # the sample's validation is too small for a threshold rule, so the run fell back to the calibrated
     # cut fixed:0.5, and auto moves a posterior cut with the prior (a rule's threshold it would keep)
     kind = read_model_meta(Path(trained_run) / "model" / "model.json").threshold_method.split(":")[0]
@@ -183,8 +188,9 @@ def test_pneumo_adapt_writes_a_model_folder_that_predicts_and_names_no_film(trai
     rows = predict_files(out, [site / "NORMAL"], progress=False)
     assert len(rows) == 30 and all(r["threshold"] == meta.threshold for r in rows)
 
-    assert main(["adapt", str(trained_run), str(site), "--out", str(tmp_path / "again")]) == 0
+    assert main(["adapt", str(trained_run), str(site), "--out", str(tmp_path / "again"), "--no-export"]) == 0
     said = capsys.readouterr().out
+    assert "no ONNX export: --no-export" in said and not (tmp_path / "again" / "model.onnx").exists()
     assert "adapted on 60 unlabelled films" in said and "skipped" in said and "broken.jpeg" in said
     again = read_model_meta(tmp_path / "again" / "model.json").adaptation
     assert again["films_sha256"] == record["films_sha256"]  # the same films give the same hash

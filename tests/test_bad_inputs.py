@@ -301,7 +301,7 @@ def bad_run(bad_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[i
     from contextlib import redirect_stderr, redirect_stdout
 
     with redirect_stdout(out), redirect_stderr(err), one_torch_thread():
-        rc = cli.main(["train", str(bad_tree), "--out", str(run), "--json", *TINY_TRAIN])
+        rc = cli.main(["train", str(bad_tree), "--out", str(run), "--json", "--no-export", *TINY_TRAIN])
     return rc, run, out.getvalue() + err.getvalue()
 
 
@@ -360,7 +360,7 @@ def test_a_non_utf8_name_does_not_kill_the_command(command, utf8_tree, model_dir
     argv = {
         "data-check": ["data", "check", utf8_tree, "--json"],
         "show-batch": ["show-batch", utf8_tree, "--out", tmp_path / "b.png", "--image-size", "32"],
-        "train": ["train", utf8_tree, "--out", tmp_path / "run", "--json", *TINY_TRAIN],
+        "train": ["train", utf8_tree, "--out", tmp_path / "run", "--json", "--no-export", *TINY_TRAIN],
         "evaluate": ["evaluate", model_dir, utf8_tree, "--json"],
     }[command]
     rc, out, err = run_cli(capsys, *argv)
@@ -535,7 +535,7 @@ def test_a_truncated_last_checkpoint_is_named_with_the_earlier_one(run_copy, cap
     rc, _, err = run_cli(capsys, "train", "--resume", "--out", run_copy)
     assert_named_error(rc, err, "last.pt", "damaged checkpoint", "previous.pt", "epoch 1")
     last.unlink()  # as the message says: the run resumes from the earlier checkpoint
-    rc, out, err = run_cli(capsys, "train", "--resume", "--out", run_copy, "--json")
+    rc, out, err = run_cli(capsys, "train", "--resume", "--out", run_copy, "--json", "--no-export")
     assert rc == 0, err
     assert [row["epoch"] for row in json.loads(out[out.index("{") :])["history"]] == [1, 2]
 
@@ -544,7 +544,9 @@ def test_resume_works_from_another_working_directory(run_copy, tmp_path, capsys,
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    rc, out, err = run_cli(capsys, "train", "--resume", "--out", os.path.relpath(run_copy, elsewhere), "--json")
+    rc, out, err = run_cli(
+        capsys, "train", "--resume", "--out", os.path.relpath(run_copy, elsewhere), "--json", "--no-export"
+    )
     assert rc == 0, err
     config = json.loads((run_copy / "config.json").read_text())
     assert Path(config["data"]).is_absolute() and Path(config["out"]) == run_copy.resolve()

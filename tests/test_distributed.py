@@ -66,7 +66,9 @@ def one_process(tmp_path_factory):
 @pytest.mark.timeout(600)
 def test_two_processes_train_as_one(one_process, tmp_path):
     out = tmp_path / "two"
-    done = pneumo_cli("train", str(SAMPLE), "--nproc", "2", "--out", str(out), "--json", *cli_flags(TINY))
+    done = pneumo_cli(
+        "train", str(SAMPLE), "--nproc", "2", "--out", str(out), "--json", "--no-export", *cli_flags(TINY)
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)  # rank 0 alone prints: one JSON document
     assert summary["run_dir"] == str(out)
@@ -95,7 +97,7 @@ def test_a_killed_run_resumes_on_two_processes_in_full_mode(tmp_path):
     first = read_metrics(out)
     assert len(first) == 1
 
-    done = pneumo_cli("train", "--resume", "--out", str(out), "--nproc", "2")
+    done = pneumo_cli("train", "--resume", "--out", str(out), "--nproc", "2", "--no-export")
     assert done.returncode == 0, done.stderr[-3000:]
     history = read_metrics(out)
     assert [r["epoch"] for r in history] == [1, 2] and history[0] == first[0]  # continued, not restarted

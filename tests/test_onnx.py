@@ -11,7 +11,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,18 +23,6 @@ from pneumo.extras import available
 pytestmark = pytest.mark.skipif(not available("onnx", "onnxruntime", "onnxscript"), reason="needs pneumo[onnx]")
 
 TEST_FILMS = SAMPLE_ROOT / "test"
-
-
-@pytest.fixture(scope="module")
-def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """A copy of the session's model folder with its ONNX export (the shared run stays as it was)."""
-    from pneumo.infer.onnx import export_onnx
-
-    folder = tmp_path_factory.mktemp("onnx") / "model"
-    shutil.copytree(trained_run / "model", folder)
-    with one_torch_thread():
-        report = export_onnx(folder, progress=False)
-    return folder, report
 
 
 def run_without_torch(code: str) -> dict:
@@ -93,9 +80,11 @@ def test_the_graph_takes_any_batch_of_uint8_films_and_returns_calibrated_probabi
     rng = np.random.default_rng(0)
     for n in (1, 5):
         pixels = rng.integers(0, 256, (n, 64, 64), dtype=np.uint8)
-        (probs,) = session.run(None, {"pixels": pixels})
+        probs, features = session.run(None, {"pixels": pixels})  # and the body's features, for infer.scope
         assert probs.shape == (n, 2) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
-        np.testing.assert_allclose(probs, torch_model.probabilities(pixels), atol=1e-4)
+        torch_probs, (torch_features,) = torch_model.probabilities_and_features(pixels)
+        np.testing.assert_allclose(probs, torch_probs, atol=1e-4)
+        np.testing.assert_allclose(features, torch_features, rtol=1e-3, atol=1e-4)
     # the temperature is inside: without it the probabilities would be sharper
     assert torch_model.meta.temperature != 1.0
 
@@ -111,16 +100,16 @@ def test_predict_with_the_onnx_runtime_never_imports_torch_and_matches_pytorch(e
     )
     assert out["torch"] is False
     onnx_rows = json.loads(out["stdout"])
-    torch_rows = predict_files(folder, [TEST_FILMS], progress=False)
+    torch_rows = predict_files(folder, [TEST_FILMS], progress=False, runtime="torch")
     assert len(onnx_rows) == len(torch_rows) == 60
     for a, b in zip(onnx_rows, torch_rows):
         assert a["path"] == b["path"] and a["threshold"] == b["threshold"]
         assert abs(a["p_PNEUMONIA"] - b["p_PNEUMONIA"]) <= 1e-4
-        # the onnx runtime checks scope by DICOM tags only (no body features): these JPEGs are all in
-        # scope there, while the torch runtime may set a film far from the validation films aside
-        assert a["in_scope"] is True
-        if b["in_scope"]:
-            assert a["label"] == b["label"]
+        # the graph gives the body features too: scope is measured as PyTorch measures it
+        assert a["in_scope"] == b["in_scope"] and a["label"] == b["label"]
+        assert (a["scope_distance"] is None) == (b["scope_distance"] is None)
+        if a["scope_distance"] is not None:
+            assert abs(a["scope_distance"] - b["scope_distance"]) <= 1e-3 * max(1.0, b["scope_distance"])
 
 
 def test_serve_with_the_onnx_runtime_never_imports_torch(exported):
@@ -142,7 +131,7 @@ def test_serve_with_the_onnx_runtime_never_imports_torch(exported):
     assert result["heatmap_png_base64"] is None and "torch" in result["heatmap_unavailable"]
     from pneumo.infer.predict import predict_files
 
-    (row,) = predict_files(folder, [film], progress=False)
+    (row,) = predict_files(folder, [film], progress=False, runtime="torch")
     assert abs(result["p_positive"] - row["p_positive"]) <= 1e-4
     assert result["label"] == row["label"] or row["in_scope"] is False
 
@@ -171,12 +160,12 @@ def test_the_onnx_runtime_refuses_what_it_cannot_trust(exported, tmp_path, capsy
         load_onnx_model(folder).probabilities(np.zeros((1, 64, 64), np.uint8), tta=True)
 
 
-def test_an_ensemble_exports_as_one_graph(trained_run, tmp_path):
+def test_pneumo_ensemble_exports_it_as_one_graph(trained_run, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    from pneumo.infer.ensemble import make_ensemble
     from pneumo.infer.model_folder import load_model
-    from pneumo.infer.onnx import export_onnx, load_onnx_model
+    from pneumo.infer.onnx import load_onnx_model
+    from pneumo.infer.runtime import resolve_runtime
 
     runs = [tmp_path / f"run{i}" for i in range(2)]
     for run in runs:
@@ -184,17 +173,22 @@ def test_an_ensemble_exports_as_one_graph(trained_run, tmp_path):
     weights = runs[1] / "model" / "model.safetensors"  # a second, different member: its head halved
     state = load_file(str(weights))
     save_file({k: v * 0.5 if k.startswith("head.") else v for k, v in state.items()}, str(weights))
-    make_ensemble(runs, tmp_path / "ens")
-    out = tmp_path / "deploy" / "ensemble.onnx"
+    for run in runs:  # as `pneumo train` leaves them: the members' own exports are not copied
+        (run / "model" / "model.onnx").write_bytes(b"a member's own export")
     with one_torch_thread():
-        report = export_onnx(tmp_path / "ens", out, progress=False)
-    assert report["parity"]["passed"] and (tmp_path / "deploy" / "MODEL_CARD.md").is_file()
-    assert (tmp_path / "deploy" / "ensemble.meta.json").is_file()
+        assert main(["ensemble", *map(str, runs), "--out", str(tmp_path / "ens"), "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)["onnx_export"]
+    out = tmp_path / "ens" / "model" / "model.onnx"
+    assert said.startswith(f"ONNX export written to {out}")
+    assert json.loads((tmp_path / "ens" / "model" / "model.parity.json").read_text())["passed"]
+    assert not list((tmp_path / "ens" / "model" / "members").rglob("*.onnx"))
+    assert resolve_runtime(tmp_path / "ens")[0] == "onnx"
 
     import onnx
 
     graph = onnx.load(str(out)).graph
-    assert [i.name for i in graph.input] == ["pixels"] and [o.name for o in graph.output] == ["probabilities"]
+    assert [i.name for i in graph.input] == ["pixels"]
+    assert [o.name for o in graph.output] == ["probabilities", "features_0", "features_1"]  # each member's
     pixels = np.random.default_rng(1).integers(0, 256, (4, 64, 64), dtype=np.uint8)
     ensemble = load_model(tmp_path / "ens")
     via_onnx = load_onnx_model(out).probabilities(pixels)

@@ -35,7 +35,7 @@ from pneumo.audit.db import open_database, sqlite_file
 from pneumo.audit.schema import NOTE_MAX_CHARS, AuditedModel, Feedback, Reading
 from pneumo.data.imaging import open_image, to_grey_uint8
 from pneumo.errors import PneumoError
-from pneumo.infer.runtime import open_model
+from pneumo.infer.runtime import open_chosen, runtime_of
 from pneumo.io_utils import atomic_write
 from pneumo.model_meta import ModelMeta, model_folder, read_model_meta
 from pneumo.version import __version__
@@ -344,17 +344,18 @@ def predict_and_record(
     db: str | Path | None = None,
     tta: bool = False,
     progress: bool = True,
-    runtime: str = "torch",
+    runtime: str = "auto",
+    loaded: Any = None,
 ) -> list[dict]:
-    """``pneumo predict`` with every successful reading recorded in the audit trail."""
+    """``pneumo predict`` with every successful reading recorded in the audit trail, under the runtime
+    that read it; ``loaded``: the model already opened (``infer.runtime.open_chosen``)."""
     from pneumo.infer.predict import predict_files
 
     folder = model_folder(model)
-    trail = AuditTrail.open(
-        db, folder, runtime=runtime
-    )  # first: a database that cannot be opened fails before any work
-    loaded = open_model(folder, runtime)
+    trail = AuditTrail.open(db, folder)  # first: a database that cannot be opened fails before any work
     try:
+        loaded = loaded if loaded is not None else open_chosen(folder, runtime, tta=tta)[0]
+        trail.runtime = runtime_of(loaded)
         start = time.perf_counter()
         rows = predict_files(loaded, paths, tta=tta, progress=progress)
         trail.record_files(rows, time.perf_counter() - start)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pneumo.cli.common import Subcommands, add_command, emit_json
+from pneumo.cli.common import Subcommands, add_command, add_export_argument, emit_json, export_model
 from pneumo.errors import PneumoError
 
 
@@ -58,6 +58,7 @@ def add_adapt(sub: Subcommands) -> None:
     )
     p.add_argument("--out", required=True, help="folder for the adapted model (a model folder)")
     p.add_argument("--json", action="store_true", help="print what was done as JSON")
+    add_export_argument(p)
     add_adapt_arguments(p, evaluate=False)
     p.add_argument(
         "--labelled",
@@ -90,12 +91,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         progress=not args.json,
         method=args.method or "batchnorm",
     )
+    exported = export_model(result.out, args)
     if args.json:
-        emit_json(result.summary())
+        emit_json({**result.summary(), "onnx_export": exported})
     else:
         print(f"adapted model: {result.out}\n{format_adaptation(result.record)}")
         for path, why in result.skipped.items():
             print(f"  skipped {path}: {why}")
+        print(exported)
     return 0
 
 
@@ -110,10 +113,12 @@ def calibrate(args: argparse.Namespace) -> int:
     out, record, skipped = calibrate_films(
         args.model, args.films, args.out, fit=args.fit or "head", allow_few=args.allow_few, progress=not args.json
     )
+    exported = export_model(out, args)
     if args.json:
-        emit_json({"out": str(out), "adaptation": record, "skipped": skipped})
+        emit_json({"out": str(out), "adaptation": record, "skipped": skipped, "onnx_export": exported})
     else:
         print(f"calibrated model: {out}\n{format_calibration(record)}")
         for path, why in skipped.items():
             print(f"  skipped {path}: {why}")
+        print(exported)
     return 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
@@ -51,14 +53,40 @@ def add_audit_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_argument(p: argparse.ArgumentParser) -> None:
-    """--runtime, shared by predict and serve: with onnx their handlers never import torch."""
+    """--runtime, shared by the reading commands: with onnx their handlers never import torch."""
     p.add_argument(
         "--runtime",
-        choices=["torch", "onnx"],
-        default="torch",
-        help="torch (default) or onnx: onnxruntime on the model's ONNX export (pneumo export), without "
-        "PyTorch; no Grad-CAM, no --tta",
+        choices=["auto", "torch", "onnx"],
+        default="auto",
+        help="auto (default): onnx when the model folder holds a parity-checked ONNX export of this very model "
+        "and onnxruntime is installed, else torch (the choice and its reason go to stderr); torch; or onnx: "
+        "onnxruntime on the model's ONNX export (pneumo export), without PyTorch, no Grad-CAM, no --tta",
     )
+
+
+def add_export_argument(p: argparse.ArgumentParser) -> None:
+    """--no-export, shared by the commands that write a model folder (train, ensemble, adapt)."""
+    p.add_argument(
+        "--no-export",
+        action="store_true",
+        help="do not write the ONNX export (MODEL/model.onnx, parity-checked against PyTorch) that is "
+        "otherwise written at the end when pneumo[onnx] is installed, for --runtime auto to read through",
+    )
+
+
+def export_model(folder: str | Path, args: argparse.Namespace) -> str:
+    """The ONNX export at the end of train, ensemble and adapt (``infer.onnx.export_after``), or why
+    there is none: one line; it never fails the command."""
+    if args.no_export:
+        return "no ONNX export: --no-export"
+    from pneumo.infer.onnx import export_after
+
+    return export_after(folder)
+
+
+def say_runtime(runtime: str, reason: str) -> None:
+    """The runtime a reading command uses and why, on stderr (stdout stays the command's output)."""
+    print(f"runtime: {runtime} ({reason})", file=sys.stderr)
 
 
 def print_validation(evaluation: dict) -> None:

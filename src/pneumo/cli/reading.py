@@ -13,6 +13,7 @@ from pneumo.cli.common import (
     add_command,
     add_runtime_argument,
     emit_json,
+    say_runtime,
 )
 from pneumo.config import HEATMAP_CMAP
 from pneumo.errors import PneumoError
@@ -36,6 +37,7 @@ def add_evaluate(sub: Subcommands) -> None:
     )
     p.add_argument("--tta", action="store_true", help=TTA_HELP)
     p.add_argument("--json", action="store_true", help="print the evaluation as JSON")
+    add_runtime_argument(p)
     add_adapt_arguments(p, evaluate=True)
 
 
@@ -56,8 +58,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     elif args.threshold is not None or args.allow_few or args.method is not None:
         raise PneumoError("--threshold, --method and --allow-few say how to adapt: they go with --adapt")
     report = evaluate_model_on_folder(
-        args.model, args.data, out=args.out, split=args.split, tta=args.tta, progress=not args.json, adapt=adapt
+        args.model,
+        args.data,
+        out=args.out,
+        split=args.split,
+        tta=args.tta,
+        progress=not args.json,
+        adapt=adapt,
+        runtime=args.runtime,
     )
+    say_runtime(report["runtime"], report["runtime_reason"])
     emit_json(report) if args.json else print(format_evaluation(report))
     return 0
 
@@ -103,16 +113,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.engine != "local" or args.address is not None:
         raise PneumoError("--engine ray and --address write an archive's predictions: add --out FILE.csv|FILE.parquet")
     from pneumo.infer.predict import predict_files, write_predictions
+    from pneumo.infer.runtime import open_chosen
 
     progress = not (args.json or args.csv)
+    loaded, runtime, reason = open_chosen(args.model, args.runtime, tta=args.tta)
+    say_runtime(runtime, reason)
     if args.no_audit:
-        rows = predict_files(args.model, args.paths, tta=args.tta, progress=progress, runtime=args.runtime)
+        rows = predict_files(loaded, args.paths, tta=args.tta, progress=progress)
     else:
         from pneumo.audit.record import predict_and_record
 
-        rows = predict_and_record(
-            args.model, args.paths, db=args.db, tta=args.tta, progress=progress, runtime=args.runtime
-        )
+        rows = predict_and_record(args.model, args.paths, db=args.db, tta=args.tta, progress=progress, loaded=loaded)
+    if args.json:  # which runtime read the films, and why, with every row
+        rows = [{**r, "runtime": runtime, "runtime_reason": reason} for r in rows]
     write_predictions(rows, fmt="json" if args.json else "csv" if args.csv else "table", stream=sys.stdout)
     return 1 if rows and all(r.get("error") for r in rows) else 0
 
@@ -129,6 +142,12 @@ def predict_into_archive(args: argparse.Namespace) -> int:
         from pneumo.infer.model_folder import model_folder
 
         trail = AuditTrail.open(args.db, model_folder(args.model))
+
+    def chosen(runtime: str, reason: str) -> None:  # said before the first chunk; the trail records it
+        say_runtime(runtime, reason)
+        if trail is not None:
+            trail.runtime = runtime
+
     try:
         summary = predict_archive(
             args.model,
@@ -140,6 +159,8 @@ def predict_into_archive(args: argparse.Namespace) -> int:
             tta=args.tta,
             progress=not args.json,
             on_chunk=trail.record_files if trail else None,
+            runtime=args.runtime,
+            on_runtime=chosen,
         )
     finally:
         if trail is not None:

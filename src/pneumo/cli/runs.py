@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pneumo.cli.common import Subcommands, add_command, emit_json, print_validation
+from pneumo.cli.common import (
+    Subcommands,
+    add_command,
+    add_export_argument,
+    emit_json,
+    export_model,
+    print_validation,
+)
 from pneumo.decision import DEFAULT_THRESHOLD_RULE
 
 
@@ -25,17 +32,20 @@ def add_ensemble(sub: Subcommands) -> None:
         help="rule for the threshold: youden | sensitivity:X | specificity:X | fixed:X",
     )
     p.add_argument("--json", action="store_true", help="print the ensemble's validation as JSON")
+    add_export_argument(p)
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from pneumo.infer.ensemble import make_ensemble
 
     report = make_ensemble(args.runs, args.out, threshold=args.threshold)
+    exported = export_model(Path(args.out) / "model", args)
     if args.json:
-        emit_json(report)
+        emit_json({**report, "onnx_export": exported})
     else:
         print(f"ensemble model: {Path(args.out) / 'model'}")
         print_validation(report)
+        print(exported)
     return 0
 
 

@@ -8,7 +8,14 @@ from dataclasses import Field, fields
 from pathlib import Path
 from typing import Any
 
-from pneumo.cli.common import Subcommands, add_command, emit_json, print_validation
+from pneumo.cli.common import (
+    Subcommands,
+    add_command,
+    add_export_argument,
+    emit_json,
+    export_model,
+    print_validation,
+)
 from pneumo.config import (
     DEFAULT_UNFREEZE_EPOCHS,
     FIELDS,
@@ -144,6 +151,7 @@ def add_train(sub: Subcommands) -> None:
         help="log the run to TensorBoard (RUN/tensorboard) and/or MLflow ($MLFLOW_TRACKING_URI, else "
         "sqlite:///mlflow.db here); repeat or comma-separate; needs pneumo[tensorboard] / pneumo[mlflow]",
     )
+    add_export_argument(p)
     p.add_argument(
         "--nproc",
         type=int,
@@ -203,6 +211,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "ci": result.evaluation.get("ci"),
         "threshold": result.evaluation.get("threshold"),
         "notes": result.notes,
+        "onnx_export": export_model(result.model_dir, args),
     }
     if args.json:
         emit_json(summary)
@@ -212,6 +221,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"run folder: {result.run_dir}\nmodel: {result.model_dir}")
         print(training_summary(result.model_dir)["sentence"])
         print_validation(result.evaluation)
+        print(summary["onnx_export"])
     return 0
 
 

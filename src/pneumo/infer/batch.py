@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 
 from pneumo.errors import DataError, PneumoError
 from pneumo.extras import require
-from pneumo.infer.model_folder import LoadedModel, load_model, model_folder
 from pneumo.infer.predict import expand_paths, output_columns, prediction_rows, read_films, readable_pixels
+from pneumo.infer.runtime import open_chosen, runtime_of
 from pneumo.infer.scope import ScopeCheck
 from pneumo.io_utils import atomic_write
-from pneumo.model_meta import read_model_meta
+from pneumo.model_meta import model_folder, read_model_meta
 
 ENGINES = ("local", "ray")
 DEFAULT_CHUNK = 256  # images per chunk: 256 x 224 x 224 bytes = 13 MB of pixels
@@ -132,15 +132,19 @@ def open_output(out: str | Path, classes: Sequence[str]) -> CsvOutput | ParquetO
 # ---------------------------------------------------------------------------------------------
 # the local engine
 # ---------------------------------------------------------------------------------------------
+def predicting_threads() -> int:
+    """Intra-op threads for prediction beside the decoding thread: one fewer than the machine's cores."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def local_chunks(
-    loaded: LoadedModel, files: Sequence[str], chunk_size: int = DEFAULT_CHUNK, tta: bool = False
+    loaded: Any, files: Sequence[str], chunk_size: int = DEFAULT_CHUNK, tta: bool = False
 ) -> Iterator[list[dict[str, Any]]]:
     """Rows, a chunk at a time; the next chunk decodes in a thread while this one is predicted.
 
     Prediction gets one intra-op thread fewer than the machine has cores, the decoding thread has the
-    last: on a busy 2-core machine two torch threads beside a decoder spin and predicted ~8x slower."""
-    import torch
-
+    last: on a busy 2-core machine two torch threads beside a decoder spin and predicted ~8x slower.
+    An ``OnnxModel`` got its threads when its session was made (``predict_archive``)."""
     from pneumo.data.cache import decode_images
 
     size = loaded.meta.image_size
@@ -149,15 +153,20 @@ def local_chunks(
     def decode(paths: Sequence[str]):
         return decode_images([Path(p) for p in paths], size, workers=1, progress=False, use_cache=False)
 
+    if runtime_of(loaded) == "onnx":
+        yield from _predict_chunks(loaded, chunks, decode, tta)
+        return
+    import torch
+
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+    torch.set_num_threads(min(threads, predicting_threads()))
     try:
         yield from _predict_chunks(loaded, chunks, decode, tta)
     finally:
         torch.set_num_threads(threads)
 
 
-def _predict_chunks(loaded: LoadedModel, chunks: list, decode, tta: bool) -> Iterator[list[dict[str, Any]]]:
+def _predict_chunks(loaded: Any, chunks: list, decode, tta: bool) -> Iterator[list[dict[str, Any]]]:
     scope = ScopeCheck(loaded)  # every film's verdict, as predict_files gives it
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(decode, chunks[0]) if chunks else None
@@ -181,6 +190,8 @@ class BatchSummary:
     errors: int  # of those, unreadable files (a row with ``error``)
     seconds: float
     files_per_second: float | None  # None when nothing was left to predict
+    runtime: str | None = None  # the runtime that read the films (None when none was opened)
+    runtime_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,11 +207,14 @@ def predict_archive(
     tta: bool = False,
     progress: bool = True,
     on_chunk: Callable[[list[dict[str, Any]], float], object] | None = None,
+    runtime: str = "auto",
+    on_runtime: Callable[[str, str], object] | None = None,
 ) -> BatchSummary:
     """Predict every image under ``paths`` into ``out`` (.csv or .parquet), skipping those already there.
 
     ``on_chunk(rows, seconds)`` hears each chunk once it is written (``pneumo predict`` records the
     readings in the audit trail there); rows as ``predict_files`` gives them (no key for a missing value).
+    ``runtime``: as ``predict_files``; ``on_runtime(runtime, reason)`` hears the choice before the first chunk.
     """
     if engine not in ENGINES:
         raise PneumoError(f"--engine {engine}: choose {' or '.join(ENGINES)}")
@@ -215,12 +229,25 @@ def predict_archive(
     done = output.done()
     todo = [f for f in files if f not in done]
     started = time.perf_counter()
+    said: list[tuple[str, str]] = []
+
+    def chosen(name: str, reason: str) -> None:
+        said.append((name, reason))
+        if on_runtime is not None:
+            on_runtime(name, reason)
+
     if engine == "ray":
         from pneumo.infer.ray_engine import ray_chunks
 
-        chunks = ray_chunks(folder, todo, chunk_size, tta, address=address, progress=progress)
+        chunks = ray_chunks(
+            folder, todo, chunk_size, tta, address=address, progress=progress, runtime=runtime, on_runtime=chosen
+        )
+    elif todo:
+        loaded, name, reason = open_chosen(folder, runtime, threads=predicting_threads(), tta=tta)
+        chosen(name, reason)
+        chunks = local_chunks(loaded, todo, chunk_size, tta)
     else:
-        chunks = local_chunks(load_model(folder), todo, chunk_size, tta) if todo else iter(())
+        chunks = iter(())
     written = errors = 0
     with tqdm(total=len(todo), desc=f"predicting ({engine})", unit="img", disable=not progress) as bar:
         last = time.perf_counter()
@@ -243,6 +270,7 @@ def predict_archive(
         errors,
         round(seconds, 3),
         round(written / seconds, 2) if seconds > 0 and written else None,
+        *(said[0] if said else (None, None)),
     )
 
 

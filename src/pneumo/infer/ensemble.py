@@ -107,7 +107,9 @@ def make_ensemble(run_dirs: Sequence[str | Path], out: str | Path, threshold: st
     names = [f"{i}-{m.meta.arch}" for i, m in enumerate(members)]
     for run, name in zip(runs, names):
         source = run.model_dir if run.model_dir.is_dir() else run.path
-        shutil.copytree(source, model_dir / "members" / name, dirs_exist_ok=True)
+        # a member's own ONNX export is left behind: the ensemble is exported as one graph
+        exported = shutil.ignore_patterns("*.onnx", "*.meta.json", "*.parity.json")
+        shutil.copytree(source, model_dir / "members" / name, dirs_exist_ok=True, ignore=exported)
     meta = ModelMeta(
         arch="ensemble:" + "+".join(m.meta.arch for m in members),
         classes=classes,

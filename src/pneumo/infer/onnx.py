@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from pneumo.io_utils import atomic_write, atomic_write_json
 from pneumo.model_meta import ModelMeta
 from pneumo.version import __version__
 
+FEATURES = "features_{}"  # one output per network: its body's average-pooled features (infer.scope)
 OPSET = 18  # the dynamo exporter's own opset: onnxruntime >= 1.14 runs it
 INPUT, OUTPUT = "pixels", "probabilities"
 FORMAT = "pneumo-onnx/1"
@@ -108,6 +110,72 @@ def _calibrated_module(loaded: Any) -> Any:
     return Graph(build(loaded)).eval()
 
 
+def _networks(loaded: Any) -> list[Any]:
+    """The single networks inside ``loaded`` in the order ``EnsembleModel`` lists their features."""
+    members = getattr(loaded, "members", None)
+    return [n for m in members for n in _networks(m)] if members else [loaded]
+
+
+def _scoped_module(loaded: Any) -> Any:
+    """``_calibrated_module``'s graph with one more output per network: its body's average-pooled
+    features (``LoadedModel.logits_and_features``), so that the onnx runtime measures the scope
+    check's feature distance as PyTorch does, from the same pass."""
+    import torch
+
+    from pneumo.infer.model_folder import EnsembleModel
+
+    class Single(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module, temperature: float):
+            super().__init__()
+            self.net, self.temperature = net, float(temperature)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            pooled = self.net.features(x)  # [max, mean]: the head reads both, scope the mean
+            probs = (self.net.head(pooled).float() / self.temperature).softmax(dim=1)
+            return probs, [pooled[:, pooled.shape[1] // 2 :].float()]
+
+    class Mean(torch.nn.Module):
+        def __init__(self, members: list[torch.nn.Module], temperature: float):
+            super().__init__()
+            self.members, self.temperature = torch.nn.ModuleList(members), float(temperature)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            parts = [m(x) for m in self.members]
+            mean = torch.stack([p for p, _ in parts]).mean(dim=0)
+            features = [f for _, fs in parts for f in fs]
+            if self.temperature == 1.0:
+                return mean, features
+            return (mean.clamp_min(1e-12).log() / self.temperature).softmax(dim=1), features
+
+    def build(model: Any) -> torch.nn.Module:
+        if isinstance(model, EnsembleModel):
+            return Mean([build(m) for m in model.members], model.meta.temperature)
+        return Single(model.net, model.meta.temperature)
+
+    class Graph(torch.nn.Module):
+        def __init__(self, body: torch.nn.Module):
+            super().__init__()
+            self.body = body
+
+        def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:  # uint8 (N, S, S)
+            probs, features = self.body(pixels.unsqueeze(1))
+            return (probs, *features)
+
+    return Graph(build(loaded)).eval()
+
+
+def scope_outputs(loaded: Any, out: Path) -> dict[str, Any]:
+    """The sidecar's ``scope`` entry: the feature outputs' names and, relative to the graph's folder,
+    the folder of each network's scope statistics (``infer.scope``), and whether it is an ensemble."""
+    nets = _networks(loaded)
+    folders = [os.path.relpath(Path(n.folder).resolve(), out.parent.resolve()) for n in nets]
+    return {
+        "outputs": [FEATURES.format(i) for i in range(len(nets))],
+        "folders": [Path(f).as_posix() for f in folders],
+        "ensemble": bool(getattr(loaded, "members", None)),
+    }
+
+
 def parity_images(folder: str | Path | None = None) -> list[Path]:
     """The films the export is checked on: the bundled sample by default (260 real Kaggle films)."""
     root = Path(folder) if folder is not None else SAMPLE_DATA
@@ -160,7 +228,8 @@ def export_onnx(
     if out.suffix != ".onnx":
         raise PneumoError(f"{out}: the exported file must end in .onnx")
     size = loaded.meta.image_size
-    graph = _calibrated_module(loaded)
+    graph = _scoped_module(loaded)
+    scope = scope_outputs(loaded, out)
     example = torch.zeros((2, size, size), dtype=torch.uint8)
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # the exporter prints
         try:
@@ -168,7 +237,7 @@ def export_onnx(
                 graph,
                 (example,),
                 input_names=[INPUT],
-                output_names=[OUTPUT],
+                output_names=[OUTPUT, *scope["outputs"]],
                 opset_version=opset,
                 dynamo=True,
                 dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}},
@@ -221,6 +290,7 @@ def export_onnx(
         **{name: getattr(meta, name) for name in META_FIELDS},
         "source_model_sha256": source,
         "pneumo_version": __version__,
+        "scope": scope,
     }
     atomic_write_json(sidecar_path(out), sidecar)
     record = {"onnx": str(out), "opset": opset, **parity, "onnxruntime": ort.__version__, "torch": torch.__version__}
@@ -282,14 +352,45 @@ class OnnxModel:
         self.classes = meta.classes
         self.positive = meta.positive_index
         self.threshold = meta.operating_threshold
+        self.scope_sources: tuple[list[Path], Path | None] | None = None  # infer.scope's statistics (load_onnx_model)
 
     def probabilities(self, pixels: np.ndarray, batch_size: int = 32, tta: bool = False) -> np.ndarray:
         if tta:
             raise PneumoError("--tta needs the network: use --runtime torch (the ONNX graph reads each film once)")
         return _run(self.session, pixels, batch_size, len(self.classes))
 
+    def probabilities_and_features(
+        self, pixels: np.ndarray, batch_size: int = 32, tta: bool = False
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Probabilities and each network's body features from one run of the graph (``infer.scope``
+        measures the features), as ``LoadedModel.probabilities_and_features`` gives them."""
+        if tta:
+            raise PneumoError("--tta needs the network: use --runtime torch (the ONNX graph reads each film once)")
+        names = (self.sidecar.get("scope") or {}).get("outputs") or []
+        if not names:
+            raise ModelError(f"{self.path}: this export gives no body features (re-export it with `pneumo export`)")
+        x = np.ascontiguousarray(np.asarray(pixels, dtype=np.uint8))
+        wanted = [OUTPUT, *names]
+        runs = [self.session.run(wanted, {INPUT: x[i : i + batch_size]}) for i in range(0, len(x), batch_size)]
+        if not runs:
+            return np.zeros((0, len(self.classes)), np.float32), [np.zeros((0, 0), np.float32) for _ in names]
+        columns = [np.concatenate([r[k] for r in runs]).astype(np.float32) for k in range(len(names) + 1)]
+        return columns[0], columns[1:]
+
     def decide(self, probs: np.ndarray) -> np.ndarray:
         return self.meta.decide(probs)
+
+
+def scope_sources(file: Path, sidecar: dict[str, Any]) -> tuple[list[Path], Path | None] | None:
+    """Where ``infer.scope`` finds each network's statistics for this graph, and the ensemble's folder
+    (None for a single model); None when the graph gives no features (exported before it did)."""
+    scope = sidecar.get("scope")
+    if not isinstance(scope, dict) or not scope.get("outputs"):
+        return None
+    folders = [file.parent / f for f in scope.get("folders", [])]
+    if len(folders) != len(scope["outputs"]):
+        return None
+    return folders, file.parent if scope.get("ensemble") else None
 
 
 def read_sidecar(onnx_path: Path) -> tuple[dict[str, Any], ModelMeta]:
@@ -331,4 +432,52 @@ def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
     shape = session.get_inputs()[0].shape
     if list(shape[1:]) != [meta.image_size, meta.image_size]:
         raise ModelError(f"{file}: the graph reads {shape[1:]} pixels, the sidecar says {meta.image_size}")
-    return OnnxModel(file, session, meta, sidecar)
+    model = OnnxModel(file, session, meta, sidecar)
+    model.scope_sources = scope_sources(file, sidecar)
+    return model
+
+
+def export_unusable(model: str | Path) -> str | None:
+    """Why the ONNX export in model folder ``model`` cannot stand in for PyTorch under ``--runtime
+    auto`` (one line), or None when it can: there, parity-checked, made from exactly this folder's
+    weights and decision rule (``model_fingerprint``), giving the scope check's features, and
+    onnxruntime installed. The graph file's own hash is checked when it is loaded."""
+    from pneumo.extras import available
+    from pneumo.model_meta import model_folder
+
+    folder = model_folder(model)
+    file = folder / DEFAULT_NAME
+    if not file.is_file():
+        return f"no ONNX export in {folder} (`pneumo export` writes one)"
+    if not available("onnxruntime"):
+        return "onnxruntime is not installed (pip install 'pneumo[onnx]')"
+    try:
+        sidecar, _ = read_sidecar(file)
+        parity = json.loads(parity_path(file).read_text(encoding="utf-8"))
+    except (ModelError, OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"the ONNX export's records are unusable ({str(exc)[:200]})"
+    if not isinstance(parity, dict) or parity.get("passed") is not True:
+        return f"{parity_path(file).name} does not record a passed parity check"
+    try:
+        fingerprint = model_fingerprint(folder)
+    except PneumoError as exc:
+        return str(exc)
+    if sidecar.get("source_model_sha256") != fingerprint:
+        return f"{file.name} is stale: the model folder changed after it was exported (re-export with `pneumo export`)"
+    if scope_sources(file, sidecar) is None:
+        return f"{file.name} predates the scope check's features in the graph (re-export with `pneumo export`)"
+    return None
+
+
+def export_after(folder: str | Path, progress: bool = False) -> str:
+    """Export a model folder just written (train, ensemble, adapt) and say so in one line; without
+    the onnx extra, or when parity fails, say why and leave no export: never fail the command."""
+    try:
+        report = export_onnx(folder, progress=progress)
+    except PneumoError as exc:  # the extra missing (extras.require), or the graph disagreeing with PyTorch
+        return f"no ONNX export: {exc}"
+    p = report["parity"]
+    return (
+        f"ONNX export written to {report['onnx']} (parity on {p['images']} films: max |diff| "
+        f"{p['max_abs_diff']:.1e}); --runtime auto reads through it"
+    )

@@ -20,7 +20,7 @@ from pneumo.data.folders import SPLIT_ALIASES, ChestXrayFolder, discover, is_ima
 from pneumo.decision import describe_reading
 from pneumo.errors import DataError, PneumoError
 from pneumo.evaluation.summary import Evaluation
-from pneumo.infer.runtime import open_model
+from pneumo.infer.runtime import open_chosen
 from pneumo.infer.scope import ScopeCheck
 from pneumo.io_utils import atomic_write_json
 
@@ -46,18 +46,19 @@ def predict_files(
     paths: Sequence[str | Path],
     tta: bool = False,
     progress: bool = True,
-    runtime: str = "torch",
+    runtime: str = "auto",
 ) -> list[dict]:
     """One row per image (``PREDICTION_COLUMNS``), or its path and error.
 
     One meaning of probability: ``p_positive`` is p(positive class), compared with ``threshold``;
     ``reading`` says so in words. ``p_<CLASS>`` columns give every class's probability.
-    ``runtime="onnx"`` reads the model's ONNX export with onnxruntime, torch never imported.
+    ``runtime="onnx"`` reads the model's ONNX export with onnxruntime, torch never imported; ``auto``
+    does so when the export is this model's (``infer.runtime.resolve_runtime``).
     Every row says whether the film is in scope (``infer.scope``; DICOM tags only on the onnx
     runtime); an out-of-scope film gets no label and no reading (its probabilities are kept, for the
     record) and a warning line on stderr.
     """
-    loaded = open_model(model, runtime)
+    loaded = open_chosen(model, runtime, tta=tta)[0]
     files = expand_paths(paths)
     decoded = decode_images(files, loaded.meta.image_size, progress=progress, use_cache=False)
     probs, verdicts = read_films(ScopeCheck(loaded), files, decoded.ok, readable_pixels(decoded), tta)
@@ -176,6 +177,7 @@ def evaluate_model_on_folder(
     tta: bool = False,
     progress: bool = True,
     adapt: Callable[[LoadedModel, np.ndarray], tuple[LoadedModel, dict]] | None = None,
+    runtime: str = "auto",
 ) -> Evaluation:
     """Metrics of a saved model on labelled images, at its stored threshold and temperature.
 
@@ -184,11 +186,14 @@ def evaluate_model_on_folder(
 
     ``adapt`` (``pneumo evaluate --adapt``: ``infer.adapt.evaluation_adapter``) takes the model and
     the pixels of the evaluated films, never their labels, and returns the model to evaluate and
-    what was done, reported under ``"adapted"``.
+    what was done, reported under ``"adapted"``. ``runtime``: as ``predict_files`` (adapting needs the
+    network: torch); the evaluation records which one read the films, and why.
     """
     from pneumo.evaluation.metrics import evaluate_predictions, write_evaluation_figures
 
-    loaded = open_model(model)
+    loaded, runtime, runtime_reason = open_chosen(
+        model, runtime, tta=tta, needs_network="--adapt" if adapt is not None else None
+    )
     dataset = discover(data)
     if dataset.layout != "kaggle":  # a folder of class folders is read whole
         if split is not None:
@@ -222,6 +227,7 @@ def evaluate_model_on_folder(
         data=str(dataset.root), split=evaluated_split(dataset, chosen), model=loaded.meta.arch, skipped=errors
     )
     report["evaluated_on"] = f"{report['split']} ({dataset.root.name})"
+    report.update(runtime=runtime, runtime_reason=runtime_reason)
     if adapted is not None:
         report["adapted"] = adapted
     if out:

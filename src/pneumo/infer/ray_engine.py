@@ -19,7 +19,7 @@ the files under the same paths (a shared file system).
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from pneumo.errors import PneumoError
 from pneumo.extras import require
+from pneumo.infer.runtime import resolve_runtime
 
 STRING_COLUMNS = ("path", "label", "positive_class", "reading", "scope_reason", "error")
 FLAG_COLUMNS = ("in_scope",)  # True / False / None, kept as text so that every block has one type
@@ -47,13 +48,20 @@ def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
 
 
 class Predictor:
-    """One actor of the pool: loads the model folder once, then predicts decoded blocks."""
+    """One actor of the pool: loads the model folder once (on the runtime the driver chose), then
+    predicts decoded blocks."""
 
-    def __init__(self, folder: str, tta: bool, device: str):
-        from pneumo.infer.model_folder import load_model
+    def __init__(self, folder: str, tta: bool, device: str, runtime: str = "torch"):
         from pneumo.infer.scope import ScopeCheck
 
-        self.loaded = load_model(folder, device)
+        if runtime == "onnx":  # one CPU per actor: one onnxruntime thread
+            from pneumo.infer.onnx import load_onnx_model
+
+            self.loaded: Any = load_onnx_model(folder, threads=1)
+        else:
+            from pneumo.infer.model_folder import load_model
+
+            self.loaded = load_model(folder, device)
         self.scope = ScopeCheck(self.loaded)
         self.tta = tta
 
@@ -121,8 +129,13 @@ def ray_chunks(
     address: str | None = None,
     progress: bool = True,
     actors: int | None = None,
+    runtime: str = "auto",
+    on_runtime: Callable[[str, str], object] | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
-    """Rows for ``files``, ``chunk_size`` at a time, computed on a Ray cluster (see the module's doc)."""
+    """Rows for ``files``, ``chunk_size`` at a time, computed on a Ray cluster (see the module's doc).
+
+    ``runtime`` as ``predict_files``: auto resolves with the cluster's device (a cluster with GPUs
+    runs torch there); ``on_runtime(runtime, reason)`` hears the choice."""
     ray = require("ray", "ray.data", "ray", what="--engine ray")
     from pneumo.model_meta import read_model_meta
 
@@ -144,13 +157,17 @@ def ray_chunks(
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         cpus = max(1, int(resources.get("CPU", 1)))
+        device = "cuda" if gpus else "cpu"
+        chosen, reason = resolve_runtime(folder, runtime, tta, device=device if gpus else None)
+        if on_runtime is not None:
+            on_runtime(chosen, reason)
         pool = actors or gpus or cpus
         blocks = max(1, -(-len(files) // chunk_size))
         ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=blocks)
         ds = ds.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=chunk_size, batch_format="numpy")
         ds = ds.map_batches(
             Predictor,
-            fn_constructor_args=(str(folder), tta, "cuda" if gpus else "cpu"),
+            fn_constructor_args=(str(folder), tta, device, chosen),
             compute=ray.data.ActorPoolStrategy(size=pool),
             batch_size=chunk_size,
             batch_format="numpy",

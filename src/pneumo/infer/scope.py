@@ -201,6 +201,20 @@ def write_ensemble_scope(member_folders: Sequence[Path], out_folder: Path) -> fl
     return threshold
 
 
+def _scope_sources(model: Any) -> tuple[list[Path | None], Path | None | bool] | None:
+    """Each network's folder (where its statistics lie) and the ensemble's folder (``False`` for a
+    single model, None for an ensemble loaded from nowhere); None when the model gives no features
+    (an ONNX graph exported before it did). Torch models carry their folders, ONNX ones the sidecar's."""
+    if hasattr(model, "net"):
+        members = _members(model)
+        return [getattr(m, "folder", None) for m in members], (model.folder if hasattr(model, "members") else False)
+    sources = getattr(model, "scope_sources", None)
+    if sources is None:
+        return None
+    folders, ensemble = sources
+    return list(folders), ensemble if ensemble is not None else False
+
+
 # ---------------------------------------------------------------------------------------------
 # Both, for a loaded model
 # ---------------------------------------------------------------------------------------------
@@ -209,14 +223,13 @@ class ScopeCheck:
 
     def __init__(self, model: Any):
         self.model = model
-        members = _members(model)
-        torch_runtime = hasattr(model, "net")  # the onnx runtime has no body to take features from
-        folders = [getattr(m, "folder", None) if torch_runtime else None for m in members]
+        sources = _scope_sources(model)
+        folders, ensemble = sources if sources is not None else ([None], None)
         self.scopes = [read_feature_scope(f) if f else None for f in folders]
         self.threshold = 1.0
-        self.torch_runtime = torch_runtime
-        if torch_runtime and hasattr(model, "members"):
-            path = model.folder / ENSEMBLE_SCOPE_FILE if model.folder else None
+        self.gives_features = sources is not None  # an ONNX graph exported before it gave them does not
+        if sources is not None and ensemble is not False:
+            path = ensemble / ENSEMBLE_SCOPE_FILE if ensemble else None
             try:
                 self.threshold = float(json.loads(path.read_text())["threshold"]) if path else float("nan")
             except (OSError, ValueError, KeyError, TypeError):
@@ -237,8 +250,8 @@ class ScopeCheck:
             return "DICOM tags and distance from the validation films' features"
         if self.not_trusted:
             return f"DICOM tags only ({self.not_trusted})"
-        if not self.torch_runtime:
-            return "DICOM tags only (the onnx runtime holds no body features to measure a distance with)"
+        if not self.gives_features:
+            return "DICOM tags only (this ONNX export gives no body features to measure a distance with: re-export it)"
         return "DICOM tags only (this model folder has no scope statistics: trained before pneumo wrote them)"
 
     def ratios(self, pixels: np.ndarray, features: Sequence[np.ndarray] | None = None) -> np.ndarray | None:
@@ -246,8 +259,10 @@ class ScopeCheck:
         each member's, when the prediction already computed them (else a pass of their own)."""
         if not self.by_features or len(pixels) == 0:
             return None
-        if features is None:
+        if features is None and hasattr(self.model, "net"):
             features = [scope_features(m, pixels) for m in _members(self.model)]
+        elif features is None:  # the onnx runtime: its graph gives the features beside the probabilities
+            features = self.model.probabilities_and_features(pixels)[1]
         per_member = [s.distances(f) / s.threshold for f, s in zip(features, self.scopes)]
         return np.mean(per_member, axis=0) / self.threshold
 

@@ -42,7 +42,7 @@ from pneumo.data.dicom import PREAMBLE_END, looks_like_dicom
 from pneumo.data.imaging import open_image, prepare, to_grey_uint8
 from pneumo.decision import describe_reading
 from pneumo.errors import ImageError, PneumoError
-from pneumo.infer.runtime import open_model
+from pneumo.infer.runtime import open_chosen, open_model, runtime_of
 from pneumo.infer.scope import ScopeCheck
 from pneumo.report.about import training_summary
 from pneumo.serve.limits import (
@@ -108,9 +108,18 @@ def png_base64(rgb: np.ndarray) -> str:
 
 
 def read_xray(
-    model: LoadedModel, data: bytes, name: str, heatmap: bool, max_pixels: int, scope: ScopeCheck
+    model: LoadedModel,
+    data: bytes,
+    name: str,
+    heatmap: bool,
+    max_pixels: int,
+    scope: ScopeCheck,
+    explainer: LoadedModel | None = None,
 ) -> dict[str, Any]:
-    """Decode, predict and (optionally) explain one upload: the work done on a pool thread."""
+    """Decode, predict and (optionally) explain one upload: the work done on a pool thread.
+
+    ``explainer``: the PyTorch model that draws Grad-CAM when ``model`` runs on onnxruntime (``--runtime
+    auto``); None with ``--runtime onnx``, which serves no heatmaps."""
     start = time.perf_counter()
     try:
         img = open_image(data, max_pixels=max_pixels)
@@ -140,13 +149,14 @@ def read_xray(
         warning = f"out of scope, no label given: {result['scope_reason']}"
         result.update(label=None, reading=None, warning=warning)  # as predict: probabilities kept, no decision
         log.warning("an upload was out of scope: %s", result["scope_reason"])  # no file name: it may identify
-    if heatmap and getattr(model, "runtime", "torch") == "onnx":
-        result["heatmap_unavailable"] = "Grad-CAM needs the network: serve with --runtime torch"
+    explainer = explainer if runtime_of(model) == "onnx" else model
+    if heatmap and explainer is None:
+        result["heatmap_unavailable"] = "Grad-CAM needs the network: serve with --runtime torch or auto"
     elif heatmap:
         from pneumo.infer.explain import DEFAULT_CMAP, gradcam_heatmap
         from pneumo.plots import overlay_heatmap_array
 
-        heat = gradcam_heatmap(model, pixels, predicted)
+        heat = gradcam_heatmap(explainer, pixels, predicted)
         grey = Image.fromarray(to_grey_uint8(img), mode="L")
         grey.thumbnail((HEATMAP_MAX_SIDE, HEATMAP_MAX_SIDE), Image.BILINEAR)
         result["heatmap_png_base64"] = png_base64(overlay_heatmap_array(np.asarray(grey), heat, 0.4, cmap=DEFAULT_CMAP))
@@ -310,13 +320,14 @@ def create_app(
     body_timeout_s: float = ConnectionLimits.body_timeout_s,
     audit: AuditTrail | None = None,
     token: str | None = None,
-    runtime: str = "torch",
+    runtime: str = "auto",
 ) -> FastAPI:
     """The FastAPI app for one model folder (loaded once, shared by the inference threads).
 
     ``audit`` records every reading and takes readers' feedback (``add_audit_routes``); with ``token``
     every /api/ route but /api/access needs ``Authorization: Bearer TOKEN`` (``TokenGate``). ``runtime``
-    "onnx" serves the model's ONNX export through onnxruntime, without torch and without heatmaps.
+    "onnx" serves the model's ONNX export through onnxruntime, without torch and without heatmaps;
+    "auto" reads through it when it is this model's (``infer.runtime``), PyTorch drawing the heatmaps.
     """
     if not max_upload_mb > 0:
         raise PneumoError(f"--max-upload-mb must be positive, got {max_upload_mb}")
@@ -324,8 +335,10 @@ def create_app(
         raise PneumoError(f"--body-timeout must be positive, got {body_timeout_s}")
     budget = PixelBudget(pixel_budget, max_pixels)  # options first: a bad one fails before the model loads
     pool = InferencePool(inference_workers, queue_limit)
-    model = open_model(model_dir, runtime, threads=max(1, _cores() // inference_workers))
-    if getattr(model, "runtime", "torch") == "torch":  # Grad-CAM's imports paid now, not by the first upload
+    model, chosen, reason = open_chosen(model_dir, runtime, threads=max(1, _cores() // inference_workers))
+    # Grad-CAM needs the network: under auto, PyTorch's copy of the model draws it
+    explainer = open_model(model_dir, "torch") if chosen == "onnx" and runtime == "auto" else None
+    if chosen == "torch" or explainer is not None:  # Grad-CAM's imports paid now, not by the first upload
         import pneumo.infer.explain  # noqa: F401
         import pneumo.plots  # noqa: F401
     scope = ScopeCheck(model)
@@ -349,6 +362,7 @@ def create_app(
         '{"detail": "..."}.',
     )
     app.state.model, app.state.pool, app.state.budget = model, pool, budget
+    app.state.runtime, app.state.runtime_reason = chosen, reason
     app.add_middleware(BodyLimit, limit=max_bytes + ENVELOPE_BYTES)
     app.add_middleware(BodyTimeout, seconds=body_timeout_s)
     if token:  # outside BodyLimit (no body read without the token), inside SecurityHeaders (a 401 gets them)
@@ -399,7 +413,7 @@ def create_app(
             "accepted": sorted(set(MAGIC.values()) | {"application/dicom"}),
             "scope_check": scope.method,
             "pneumo_version": model.meta.pneumo_version,
-            "runtime": getattr(model, "runtime", "torch"),
+            "runtime": chosen,
             "trained_on": trained_on,
         }
 
@@ -432,7 +446,9 @@ def create_app(
         if sniff_image_type(data) is None:
             raise HTTPException(415, f"{name}: not a JPEG or PNG, nor a DICOM file (the file starts with {data[:8]!r})")
         pixels = header_pixels(data, name, max_pixels)
-        result = await pool.run(budget.spend, pixels, read_xray, model, data, name, heatmap, max_pixels, scope)
+        result = await pool.run(
+            budget.spend, pixels, read_xray, model, data, name, heatmap, max_pixels, scope, explainer
+        )
         result["reading_id"] = await record_reading(app, data, result)
         return result
 
@@ -453,7 +469,7 @@ def serve(
     max_pixels: int = SERVE_MAX_PIXELS,
     pixel_budget: int = PIXEL_BUDGET,
     limits: ConnectionLimits | None = None,
-    runtime: str = "torch",
+    runtime: str = "auto",
 ) -> None:
     """Run the app with uvicorn; loopback only unless ``host`` says otherwise (then with a token).
 
@@ -480,11 +496,13 @@ def serve(
         token=token,
         runtime=runtime,
     )
+    if trail is not None:  # the runtime that reads, as chosen
+        trail.runtime = app.state.runtime
     # Each queued upload may hold a spooled temporary file: leave descriptors for them.
     limits = dataclasses.replace(
         limits, max_connections=connection_cap(limits.max_connections, inference_workers + queue_limit)
     )
-    if runtime == "torch":  # each inference thread gets its share of the cores: more only spin
+    if runtime != "onnx":  # each inference thread gets its share of the cores (torch: predicting or Grad-CAM)
         import torch
 
         torch.set_num_threads(max(1, _cores() // inference_workers))
@@ -497,5 +515,6 @@ def serve(
         f"(model {app.state.model.meta.arch}, up to {limits.max_connections} connections, Ctrl+C to stop)",
         flush=True,
     )
+    print(f"runtime: {app.state.runtime} ({app.state.runtime_reason})", flush=True)
     print(audit_banner(trail), flush=True)
     uvicorn.Server(config).run()
