@@ -30,7 +30,7 @@ from pneumo.dicom_node.scp import make_ae, start_scp
 from pneumo.dicom_node.send import DeliveryError, Destination, store
 from pneumo.dicom_node.spool import Spool, arrival_seconds
 from pneumo.errors import PneumoError
-from pneumo.infer.runtime import open_model
+from pneumo.infer.runtime import open_chosen
 from pneumo.infer.scope import ScopeCheck
 from pneumo.model_meta import model_folder
 
@@ -45,7 +45,7 @@ class Reader:
     def __init__(
         self,
         model: str | Path,
-        runtime: str = "torch",
+        runtime: str = "auto",
         db: str | Path | None = None,
         audit: bool = True,
         uid_root: str | None = None,
@@ -53,10 +53,12 @@ class Reader:
     ):
         node_modules()  # the extra, named before the model loads
         self.folder = model_folder(model)
-        self.trail = AuditTrail.open(db, self.folder, runtime=runtime) if audit else None
-        self.model = open_model(self.folder, runtime)
+        # auto keeps PyTorch when the Grad-CAM capture is asked for: onnxruntime has no gradients
+        needs = "the Grad-CAM secondary capture" if gradcam and runtime == "auto" else None
+        self.model, chosen, self.runtime_reason = open_chosen(self.folder, runtime, needs_network=needs)
+        self.trail = AuditTrail.open(db, self.folder, runtime=chosen) if audit else None
         self.scope = ScopeCheck(self.model)
-        self.facts = ModelFacts.of(self.model, self.folder, runtime)
+        self.facts = ModelFacts.of(self.model, self.folder, chosen)
         self.uid_root, self.gradcam = uid_root, gradcam
 
     def read(self, data: bytes) -> tuple[Any, FilmReading, Results]:
@@ -199,7 +201,7 @@ def listen(
     port: int = 11112,
     spool_dir: str | Path | None = None,
     queue_limit: int = 64,
-    runtime: str = "torch",
+    runtime: str = "auto",
     db: str | Path | None = None,
     audit: bool = True,
     uid_root: str | None = None,
@@ -221,7 +223,7 @@ def listen(
             raise PneumoError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
         print(
             f"pneumo dicom: {ae_title} listening on {host}:{node.port}, results to {send_to}; "
-            f"{waiting} film(s) waiting in {spool.folder}",
+            f"{waiting} film(s) waiting in {spool.folder}; runtime {reader.facts.runtime} ({reader.runtime_reason})",
             flush=True,
         )
         stopped.wait()

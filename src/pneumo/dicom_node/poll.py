@@ -105,7 +105,7 @@ def poll(
     state: str | Path | None = None,
     interval: float = 10.0,
     once: bool = False,
-    runtime: str = "torch",
+    runtime: str = "auto",
     db: str | Path | None = None,
     audit: bool = True,
     uid_root: str | None = None,
