@@ -24,6 +24,7 @@ declare -A OPTIONS=(
   [lite2_stages4]="--arch efficientnet_lite2 --trainable-stages 4"   # the second member as deep as the first
   [lite0_stages4_consistency4]="--arch efficientnet_lite0 --trainable-stages 4 --consistency 4"  # AugMix's loss on two views
   [lite0_stages4_unfreeze3]="--arch efficientnet_lite0 --trainable-stages 4 --unfreeze-epochs 3"  # then the whole net
+  [lite0_stages2_consistency4]="--arch efficientnet_lite0 --trainable-stages 2 --consistency 4"  # at pneumo train's default depth
   [lite0_stages4_consistency4_unfreeze3]="--arch efficientnet_lite0 --trainable-stages 4 --consistency 4 --unfreeze-epochs 3"
   [tutorial]="--arch efficientnet_lite0 --trainable-stages 0 --class-balance none --feature-views 1 --augment-policy standard"
 )

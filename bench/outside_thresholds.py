@@ -92,7 +92,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "runs": runs,
         "mean_over_runs": means,
         "chosen": best,
-        "rule": __doc__.split("\n\n")[2],
+        "rule": __doc__.split("\n\n")[3],
     }
 
 
