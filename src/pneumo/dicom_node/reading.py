@@ -21,6 +21,7 @@ from pneumo.audit.record import model_identity
 from pneumo.data.imaging import open_image, prepare, to_grey_uint8
 from pneumo.decision import describe_reading
 from pneumo.errors import ImageError
+from pneumo.infer.runtime import runtime_of
 from pneumo.infer.scope import ScopeCheck, dicom_reasons
 from pneumo.version import __version__
 
@@ -130,7 +131,7 @@ def read_film(model: Any, scope: ScopeCheck, facts: ModelFacts, data: bytes, gra
         finding = SUSPECTED if positive is not None and decided == positive else NOT_SUSPECTED
         words = _words(facts, finding, said)
     heat = None
-    if getattr(model, "runtime", "torch") == "onnx" or not gradcam:
+    if runtime_of(model) == "onnx" or not gradcam:
         words += " No Grad-CAM map: the onnx runtime has no network to take gradients from." if gradcam else ""
     elif finding != NOT_ASSESSED:
         from pneumo.infer.explain import gradcam_heatmap

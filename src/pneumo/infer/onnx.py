@@ -67,49 +67,6 @@ def file_sha256(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------ export
-def _calibrated_module(loaded: Any) -> Any:
-    """The torch module the graph is traced from: ``loaded.probabilities`` as one forward pass."""
-    import torch
-
-    from pneumo.infer.model_folder import EnsembleModel
-
-    class Single(torch.nn.Module):
-        def __init__(self, net: torch.nn.Module, temperature: float):
-            super().__init__()
-            self.net, self.temperature = net, float(temperature)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: uint8 (N, 1, S, S)
-            return (self.net(x).float() / self.temperature).softmax(dim=1)
-
-    class Mean(torch.nn.Module):
-        """An ensemble: the mean of its members' calibrated probabilities (``EnsembleModel.logits``)."""
-
-        def __init__(self, members: list[torch.nn.Module], temperature: float):
-            super().__init__()
-            self.members, self.temperature = torch.nn.ModuleList(members), float(temperature)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            mean = torch.stack([m(x) for m in self.members]).mean(dim=0)
-            if self.temperature == 1.0:  # softmax(log p) == p: skip the round trip
-                return mean
-            return (mean.clamp_min(1e-12).log() / self.temperature).softmax(dim=1)
-
-    def build(model: Any) -> torch.nn.Module:
-        if isinstance(model, EnsembleModel):
-            return Mean([build(m) for m in model.members], model.meta.temperature)
-        return Single(model.net, model.meta.temperature)
-
-    class Graph(torch.nn.Module):
-        def __init__(self, body: torch.nn.Module):
-            super().__init__()
-            self.body = body
-
-        def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # uint8 (N, S, S)
-            return self.body(pixels.unsqueeze(1))
-
-    return Graph(build(loaded)).eval()
-
-
 def _networks(loaded: Any) -> list[Any]:
     """The single networks inside ``loaded`` in the order ``EnsembleModel`` lists their features."""
     members = getattr(loaded, "members", None)
@@ -117,9 +74,9 @@ def _networks(loaded: Any) -> list[Any]:
 
 
 def _scoped_module(loaded: Any) -> Any:
-    """``_calibrated_module``'s graph with one more output per network: its body's average-pooled
-    features (``LoadedModel.logits_and_features``), so that the onnx runtime measures the scope
-    check's feature distance as PyTorch does, from the same pass."""
+    """The torch module the graph is traced from: ``loaded.probabilities`` as one forward pass, with one
+    more output per network, its body's average-pooled features (``LoadedModel.logits_and_features``),
+    so that the onnx runtime measures the scope check's feature distance as PyTorch does."""
     import torch
 
     from pneumo.infer.model_folder import EnsembleModel
